@@ -1,0 +1,25 @@
+# kernelfleet: `make up` runs the platform on this machine, `make test` runs every test.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+
+.PHONY: up test test-fast bench lint
+
+up: $(INSTALLED)
+	$(BIN)/kernelfleet up
+
+test: $(INSTALLED)
+	$(BIN)/kernelfleet setup --tests
+	$(BIN)/python -m pytest -p no:cacheprovider
+
+test-fast: $(INSTALLED)
+	$(BIN)/python -m pytest -p no:cacheprovider -m "not e2e and not browser"
+
+lint: $(INSTALLED)
+	$(BIN)/ruff check kernelfleet scheduler gateway hub tests
+
+$(INSTALLED): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[scheduler,hub,notebook,dev]'
+	touch $(INSTALLED)
