@@ -219,9 +219,11 @@ def load_config(path: str | os.PathLike[str] = DEFAULT_CONFIG) -> PlatformConfig
         first = e.errors()[0]
         raise ConfigError(str(source), _field_path(first["loc"]), first["msg"]) from e
     root = source.parent
+    # abspath, not resolve: a virtualenv's bin/python is a symlink that must stay one,
+    # or kernels would run on the base interpreter without the venv's packages.
     return config.model_copy(
         update={
-            name: (root / getattr(config, name)).resolve()
+            name: Path(os.path.abspath(root / getattr(config, name)))
             for name in ("state_dir", "kernelspecs_dir", "kernel_python")
         }
     )

@@ -111,8 +111,8 @@ def prepare(config: PlatformConfig, *, install: bool) -> dict[str, Path | str]:
     devsecrets.ensure_secrets(config)
     devsecrets.ensure_demo_logins(config)
     step(3, 5, "kernelspecs")
-    specs = load_kernelspecs(config.kernelspecs_dir, config)
     tools["kernelspecs"] = build_local(config, config.state_dir / "kernelspecs" / "local")
+    specs = load_kernelspecs(config.kernelspecs_dir, config)
     progress(f"{len(specs)} kernelspecs: {', '.join(specs)}")
     return tools
 

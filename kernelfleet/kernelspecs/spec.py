@@ -101,6 +101,13 @@ class KernelSpec(_Strict):
     def _duration(cls, value: Any) -> int:
         return parse_duration(value)
 
+    @field_validator("warm_target")
+    @classmethod
+    def _warm_target(cls, value: int) -> int:
+        if value < 0:
+            raise ValueError(f"warm_target must not be negative, got {value}")
+        return value
+
     @field_validator("groups")
     @classmethod
     def _groups(cls, value: list[str]) -> list[str]:
@@ -137,9 +144,8 @@ def load_kernelspec(path: Path, platform: PlatformConfig | None = None) -> Kerne
         raise ConfigError(str(spec_file), field, first["msg"]) from e
     if platform is not None and spec.pool not in platform.pools:
         known = ", ".join(sorted(platform.pools))
-        raise ConfigError(
-            str(spec_file), "pool", f"pool '{spec.pool}' is not in kernelfleet.yaml (known: {known})"
-        )
+        reason = f"pool '{spec.pool}' is not in kernelfleet.yaml (known: {known})"
+        raise ConfigError(str(spec_file), "pool", reason)
     return spec
 
 
