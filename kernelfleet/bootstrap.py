@@ -109,13 +109,14 @@ def ensure_redis(*, progress: Progress) -> str:
     return find_redis_server()
 
 
-def chp_path(state_dir: Path) -> Path:
-    return state_dir / "node" / "node_modules" / ".bin" / "configurable-http-proxy"
+def chp_path(root: Path) -> Path:
+    """Where configurable-http-proxy lives: inside the project, whatever the state dir."""
+    return root / ".kernelfleet" / "node" / "node_modules" / ".bin" / "configurable-http-proxy"
 
 
-def ensure_chp(state_dir: Path, *, progress: Progress) -> Path:
+def ensure_chp(root: Path, *, progress: Progress) -> Path:
     """configurable-http-proxy from npm, inside the project (no global install)."""
-    binary = chp_path(state_dir)
+    binary = chp_path(root)
     if binary.exists():
         return binary
     npm = shutil.which("npm")
@@ -159,7 +160,7 @@ def _setup(args) -> int:  # type: ignore[no-untyped-def]
 
     ensure_environments(root, progress=progress)
     ensure_redis(progress=progress)
-    ensure_chp(config.state_dir, progress=progress)
+    ensure_chp(root, progress=progress)
     if args.tests and not ensure_chromium(progress=progress):
         progress("chromium is not available: browser tests will be skipped")
     print("setup complete", flush=True)

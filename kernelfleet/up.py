@@ -91,6 +91,7 @@ def _hub(config: PlatformConfig) -> Component:
     env = {
         "KERNELFLEET_CONFIG": str(config.source),
         "CONFIGPROXY_AUTH_TOKEN": devsecrets.read_secret(config, "proxy_token"),
+        "KERNELFLEET_CHP": str(bootstrap.chp_path(REPO_ROOT)),
     }
     url = f"http://{config.host}:{config.ports.hub}/hub/api/"
     return Component("hub", argv, http_ok(url), env=env, cwd=config.state_dir, start_timeout=60)
@@ -103,7 +104,7 @@ def prepare(config: PlatformConfig, *, install: bool) -> dict[str, Path | str]:
     if install:
         tools.update(bootstrap.ensure_environments(REPO_ROOT, progress=progress))
         tools["redis"] = bootstrap.ensure_redis(progress=progress)
-        tools["chp"] = bootstrap.ensure_chp(config.state_dir, progress=progress)
+        tools["chp"] = bootstrap.ensure_chp(REPO_ROOT, progress=progress)
     else:
         tools["gateway"] = REPO_ROOT / ".venv-gateway" / "bin" / "python"
         tools["redis"] = bootstrap.find_redis_server()
