@@ -47,7 +47,7 @@ def ensure_venv(
     python = venv / "bin" / "python"
     if python.exists() and stamp.exists() and stamp.read_text() == digest:
         return python
-    progress(f"installing {venv.name} ({', '.join(requirements)}); first time takes minutes")
+    progress(f"installing {venv.name}: {' '.join(requirements)} (first time takes minutes)")
     if not python.exists():
         base = shutil.which("python3.11") or sys.executable
         _run([base, "-m", "venv", str(venv)], what=f"creating {venv}")

@@ -78,7 +78,8 @@ c.KernelfleetGatewayApp.scheduler_url = "http://{config.host}:{config.ports.sche
 c.KernelfleetGatewayApp.scheduler_token_file = {str(secret_path(config, "scheduler_token"))!r}
 c.KernelfleetGatewayApp.admin_token_file = {str(secret_path(config, "gateway_service_token"))!r}
 c.KernelfleetGatewayApp.kernel_home_root = {str(homes)!r}
-c.KernelfleetGatewayApp.kernel_launch_timeout = {config.kernel_launch_timeout}
+# Kernels get a clean environment plus these (stock EG passes none: no PATH, no locale).
+c.KernelfleetGatewayApp.inherited_envs = ["PATH", "LANG", "LC_ALL", "TZ"]
 """
     _write_private(path, text)
     return path

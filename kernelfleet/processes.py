@@ -59,16 +59,16 @@ class Component:
     log: Path | None = None
 
 
-def http_ok(url: str, *, headers: dict[str, str] | None = None) -> Callable[[], bool]:
-    """A readiness check: the URL answers with a status below 500."""
+def http_ok(url: str, *, ok: tuple[int, ...] = (200,)) -> Callable[[], bool]:
+    """A readiness check: the URL answers one of the ``ok`` statuses (a proxy's 404 before
+    its routes exist is not ready; a gateway's 401 to an anonymous probe is)."""
 
     def check() -> bool:
-        request = urllib.request.Request(url, headers=headers or {})
         try:
-            with urllib.request.urlopen(request, timeout=2) as response:
-                return response.status < 500
+            with urllib.request.urlopen(url, timeout=2) as response:
+                return response.status in ok
         except urllib.error.HTTPError as e:
-            return e.code < 500
+            return e.code in ok
         except (urllib.error.URLError, OSError):
             return False
 

@@ -82,7 +82,7 @@ def _gateway(config: PlatformConfig, python: Path, kernelspecs: Path) -> Compone
     env = {"JUPYTER_PATH": str(kernelspecs), "JUPYTER_RUNTIME_DIR": str(
         config.state_dir / "runtime" / "gateway")}
     url = f"http://{config.host}:{config.ports.gateway}/api"
-    return Component("gateway", argv, http_ok(url), env=env, cwd=REPO_ROOT, start_timeout=60)
+    return Component("gateway", argv, http_ok(url, ok=(200, 401)), env=env, cwd=REPO_ROOT, start_timeout=60)
 
 
 def _hub(config: PlatformConfig) -> Component:

@@ -138,18 +138,16 @@ class HubUser:
         return f"/user/{self.name}"
 
     async def start_server(self, timeout: float = 90) -> None:
-        """Spawn the user's notebook server via /hub/spawn and wait until its API answers."""
+        """Spawn the user's notebook server and open JupyterLab as a browser does: the page
+        load runs the OAuth dance that gives this session the server's cookies (and _xsrf)."""
         await self.http.get(f"/hub/spawn/{self.name}", follow_redirects=False)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            response = await self.http.get(f"{self.server}/api/status", follow_redirects=True)
-            if response.status_code == 200 and response.headers.get(
-                "content-type", ""
-            ).startswith("application/json"):
-                await self.http.get(f"{self.server}/lab", follow_redirects=True)  # sets _xsrf
+            page = await self.http.get(f"{self.server}/lab", follow_redirects=True)
+            if page.status_code == 200 and page.url.path.startswith(f"{self.server}/lab"):
                 return
             await _sleep(0.5)
-        raise AssertionError(f"{self.name}'s server did not start: {response.status_code}")
+        raise AssertionError(f"{self.name}'s server did not start: {page.status_code} {page.url}")
 
     def _xsrf_headers(self) -> dict[str, str]:
         token = None

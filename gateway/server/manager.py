@@ -1,0 +1,189 @@
+"""Kernel managers: every kernel has an owner, an admission, a home, and a lease to release.
+
+:class:`KernelfleetMappingKernelManager` extends EG's ``RemoteMappingKernelManager``:
+
+- :meth:`~KernelfleetMappingKernelManager.start_kernel_for` is the one way handlers start
+  kernels: it checks the kernelspec against the verified user, asks the scheduler for an
+  admission (with a kernel id picked up front), pins ``KERNEL_USERNAME``, ``HOME`` and the
+  admission's env, launches in the owner's home, and releases the lease if the launch fails;
+- every way a kernel ends (DELETE, culling, shutdown at exit, the restarter giving up)
+  releases its lease exactly once;
+- it records owners in memory (a restarted gateway forgets them; so does EG's kernel map).
+
+:class:`KernelfleetKernelManager` (one per kernel) applies the pinned env last, after the
+kernelspec's ``env`` and the client's ``KERNEL_*`` values, on every launch and restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from typing import Any
+
+from enterprise_gateway.services.kernels.remotemanager import (
+    RemoteKernelManager,
+    RemoteMappingKernelManager,
+)
+from jupyter_client.kernelspec import NoSuchKernel
+from tornado import web
+
+from .errors import GatewayError
+from .identity import Identity
+from .policy import USERNAME_VAR, check_may_start, home_for, scheduler_kernelspec_name
+from .scheduler import NoScheduler, Scheduler
+
+
+class KernelfleetKernelManager(RemoteKernelManager):
+    """EG's per-kernel manager, plus ``pinned_env`` applied last on every (re)launch."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.pinned_env: dict[str, str] = {}
+
+    def _capture_user_overrides(self, **kwargs: Any) -> None:
+        # EG applies user_overrides after the kernelspec env, right before launching.
+        super()._capture_user_overrides(**kwargs)
+        self.user_overrides.update(self.pinned_env)
+
+
+class KernelfleetMappingKernelManager(RemoteMappingKernelManager):
+    """EG's kernel map with owners, admissions and lease releases (see module docstring).
+
+    The app calls :meth:`attach` once before serving. Handlers call
+    :meth:`start_kernel_for`, :meth:`may_access` and :meth:`owner_of`.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.scheduler: Scheduler = NoScheduler()
+        self.kernel_home_root = os.path.abspath(".kernelfleet/home")
+        self._owners: dict[str, str] = {}
+        self._releases: dict[str, asyncio.Future[None]] = {}
+
+    def _kernel_manager_class_default(self) -> str:
+        return f"{KernelfleetKernelManager.__module__}.{KernelfleetKernelManager.__qualname__}"
+
+    def attach(self, *, scheduler: Scheduler, kernel_home_root: str) -> None:
+        """Give the manager its scheduler and the root of users' homes."""
+        self.scheduler = scheduler
+        self.kernel_home_root = kernel_home_root
+
+    # -- ownership ---------------------------------------------------------------------------
+
+    def owner_of(self, kernel_id: str) -> str | None:
+        """The user who started ``kernel_id``, if the gateway knows it."""
+        return self._owners.get(kernel_id)
+
+    def may_access(self, kernel_id: str, identity: Identity) -> bool:
+        """Whether ``identity`` may see and use ``kernel_id`` (its owner, or an admin)."""
+        if kernel_id not in self:
+            return False
+        return identity.admin or self._owners.get(kernel_id) == identity.name
+
+    # -- start -------------------------------------------------------------------------------
+
+    async def start_kernel_for(
+        self,
+        identity: Identity,
+        *,
+        kernel_name: str,
+        env: dict[str, str],
+        kernel_headers: dict[str, str] | None = None,
+    ) -> str:
+        """Start ``kernel_name`` for ``identity`` with the (already sanitised) client ``env``.
+
+        Returns the kernel id. Raises GatewayError 404 (unknown or non-curated kernelspec),
+        403 (not for this user's groups, or quota) or the scheduler's refusal status.
+        """
+        spec = self._kernelspec_dict(kernel_name)
+        check_may_start(identity, kernel_name, spec)
+        home = home_for(self.kernel_home_root, identity.name)
+        kernel_id = str(uuid.uuid4())
+        admitted_env = await self.scheduler.admit(
+            kernel_id=kernel_id,
+            user=identity.name,
+            groups=sorted(identity.groups),
+            kernelspec=scheduler_kernelspec_name(kernel_name, spec or {}),
+            admin=identity.admin,
+        )
+        pinned = {**admitted_env, USERNAME_VAR: identity.name, "HOME": home}
+        self._owners[kernel_id] = identity.name
+        try:
+            os.makedirs(home, mode=0o700, exist_ok=True)
+            # EG's way to pick the id up front is KERNEL_ID in the env (a kernel_id argument
+            # collides with its session bookkeeping).
+            await self.start_kernel(
+                kernel_name=kernel_name,
+                env={**env, **pinned, "KERNEL_ID": kernel_id},
+                pinned_env=pinned,
+                cwd=home,
+                kernel_headers=kernel_headers or {},
+            )
+        except (web.HTTPError, asyncio.CancelledError):
+            await self._abandon(kernel_id)
+            raise
+        except Exception as e:
+            self.log.exception("Kernel %s (%s) failed to start", kernel_id, kernel_name)
+            await self._abandon(kernel_id)
+            raise GatewayError(
+                500, f"Kernel '{kernel_name}' failed to start.", code="launch_failed"
+            ) from e
+        self.log.info("Kernel %s (%s) started for %s", kernel_id, kernel_name, identity.name)
+        return kernel_id
+
+    async def _abandon(self, kernel_id: str) -> None:
+        """After a failed start: stop whatever was launched and release the lease."""
+        if kernel_id in self:
+            try:
+                await super().shutdown_kernel(kernel_id, now=True)
+            except Exception:
+                self.log.warning("Could not stop half-started kernel %s", kernel_id, exc_info=True)
+        await self._forget(kernel_id)
+
+    def _kernelspec_dict(self, kernel_name: str) -> dict[str, Any] | None:
+        try:
+            return self.kernel_spec_manager.get_kernel_spec(kernel_name).to_dict()
+        except NoSuchKernel:
+            return None
+
+    def pre_start_kernel(self, kernel_name: str, kwargs: dict[str, Any]) -> tuple[Any, str, str]:
+        """Create the per-kernel manager and hand it the pinned env (not a Popen argument)."""
+        pinned = kwargs.pop("pinned_env", {})
+        km, kernel_name, kernel_id = super().pre_start_kernel(kernel_name, kwargs)
+        km.pinned_env = dict(pinned)
+        return km, kernel_name, kernel_id
+
+    # -- end ---------------------------------------------------------------------------------
+
+    async def shutdown_kernel(
+        self, kernel_id: str, now: bool = False, restart: bool = False
+    ) -> None:
+        """Shut the kernel down, then release its lease (also when shutting down failed)."""
+        try:
+            await super().shutdown_kernel(kernel_id, now=now, restart=restart)
+        finally:
+            if not restart:
+                await self._forget(kernel_id)
+
+    def _handle_kernel_died(self, kernel_id: str) -> None:
+        """EG's restarter gave up on the kernel: drop it and release its lease."""
+        super()._handle_kernel_died(kernel_id)
+        self._forget_soon(kernel_id)
+
+    def _forget_soon(self, kernel_id: str) -> None:
+        if kernel_id in self._owners and kernel_id not in self._releases:
+            task = asyncio.ensure_future(self._forget(kernel_id))
+            self._releases[kernel_id] = task
+            task.add_done_callback(lambda _: self._releases.pop(kernel_id, None))
+
+    async def _forget(self, kernel_id: str) -> None:
+        """Drop the owner and release the lease, once per kernel."""
+        if self._owners.pop(kernel_id, None) is not None:
+            await self.scheduler.release(kernel_id)
+
+    async def wait_for_releases(self) -> None:
+        """Wait for lease releases still in flight (at exit)."""
+        pending = list(self._releases.values())
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
