@@ -29,7 +29,7 @@ from gateway.client.testing import (
 )
 
 if TYPE_CHECKING:
-    from playwright.async_api import Page
+    from playwright.async_api import ConsoleMessage, Page
 
 playwright_api = pytest.importorskip("playwright.async_api")
 
@@ -142,8 +142,11 @@ async def chromium(lab: Lab, name: str) -> AsyncIterator[Browser]:
         )
         try:
             browser = Browser(await instance.new_page())
-            browser.page.on("console", lambda entry: browser.console.append(
-                f"{entry.type}: {entry.text}"))  # fmt: skip
+
+            def remember(entry: ConsoleMessage) -> None:
+                browser.console.append(f"{entry.type}: {entry.text}")
+
+            browser.page.on("console", remember)
             try:
                 yield browser
             except playwright_api.Error as e:
@@ -160,14 +163,21 @@ async def chromium(lab: Lab, name: str) -> AsyncIterator[Browser]:
 
 
 async def run_cell(page: Page, url: str) -> str:
-    """Open ``url``, type CODE into the first cell, Shift+Enter; return the output text."""
+    """Open ``url``; once the kernel is idle, type CODE into the first cell and Shift+Enter.
+
+    Waiting for "Idle" first matters: JupyterLab drops a Shift+Enter that comes before the
+    session has a kernel, and "Idle" is exactly what the stock chain never reaches (its
+    kernel stays "Unknown").
+    """
     await page.goto(url)
+    status = page.locator(".jp-StatusBar-TextItem", has_text="| Idle").first
+    await status.wait_for(timeout=30_000)
     editor = page.locator(".jp-NotebookPanel .jp-Cell .cm-content").first
-    await editor.click(timeout=30_000)
+    await editor.click()
     await page.keyboard.type(CODE)
     await page.keyboard.press("Shift+Enter")
     output = page.locator(".jp-NotebookPanel .jp-OutputArea-output", has_text="42").first
-    await output.wait_for(timeout=40_000)
+    await output.wait_for(timeout=30_000)
     return await output.inner_text()
 
 

@@ -1,0 +1,300 @@
+"""The kernel websocket proxy: browser <-> notebook server <-> gateway.
+
+Why not jupyter-server's ``GatewayWebSocketConnection`` (see DESIGN.md, Known pitfalls):
+
+- It forces the legacy protocol towards the browser (``kernel_ws_protocol = ""``) and opens
+  the gateway websocket only once the browser's handshake is done. JupyterLab offers the
+  ``v1.kernel.websocket.jupyter.org`` subprotocol; a 101 answer without
+  ``Sec-WebSocket-Protocol`` makes Chromium fail the handshake ("Sent non-empty
+  'Sec-WebSocket-Protocol' header but no response was received") *after* the server ran
+  ``open()`` and connected to the gateway. JupyterLab retries at once with the same session
+  id, so the gateway gets a second channels websocket for the same ``kernel:session`` while
+  the first is still open: EG "replaces the stale connection", the second handshake stalls
+  ~48 s, the buffer restore fails with ``KeyError: 'iopub'``, and the notebook shows an
+  "Unknown" kernel with cells stuck at ``[*]``.
+- It leaves Nagle on after the upgrade on both hops (~40 ms a message), and on a lost
+  gateway websocket it retries behind the browser's back instead of telling it.
+
+`GatewayChannelsConnection` opens the gateway websocket *before* the browser's handshake
+is answered, offering the gateway the subprotocols the browser offered, and answers the
+browser with the one the gateway chose. Frames then pass through untouched both ways (no
+re-serialization), the browser's first handshake succeeds, and at most one gateway
+websocket per ``kernel:session`` is open at a time: a reconnect waits until the previous
+one has closed. When the gateway closes, the browser's websocket is closed too, and
+JupyterLab's own reconnect logic takes over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import Any, ClassVar
+
+from jupyter_server.gateway.gateway_client import GatewayClient
+from jupyter_server.services.kernels.connection.base import BaseKernelWebsocketConnection
+from jupyter_server.utils import url_path_join
+from tornado import web
+from tornado.escape import url_escape
+from tornado.httpclient import HTTPClientError, HTTPRequest
+from tornado.iostream import StreamClosedError
+from tornado.websocket import WebSocketClientConnection, WebSocketClosedError, websocket_connect
+from traitlets import Float, Unicode
+
+from .errors import refusal_from
+from .tcp import ack_now, set_nodelay, stream_socket
+
+Message = str | bytes
+
+
+def offered_subprotocols(request_headers: Any) -> list[str]:
+    """The subprotocols a websocket client offered, in its order of preference."""
+    header = request_headers.get("Sec-WebSocket-Protocol", "") or ""
+    return [name.strip() for name in header.split(",") if name.strip()]
+
+
+def subprotocols_to_offer(preference: str | None, offered: list[str]) -> list[str]:
+    """What to offer the gateway, given the configured ``preference`` and the browser's offer.
+
+    ``None`` passes the browser's offer on; ``""`` offers nothing (legacy protocol); a name
+    is offered only if the browser offered it too.
+    """
+    if preference is None:
+        return list(offered)
+    if preference == "":
+        return []
+    return [preference] if preference in offered else []
+
+
+class GatewayChannelsConnection(BaseKernelWebsocketConnection):
+    """Proxies one browser kernel websocket to the gateway's ``/channels`` websocket.
+
+    Set as ``ServerApp.kernel_websocket_connection_class`` by the ``gateway.client``
+    extension. Life cycle, driven by jupyter-server's ``KernelWebsocketHandler``:
+    ``prepare()`` (before the 101 answer) opens the gateway websocket, ``connect()`` (in
+    ``open()``) starts forwarding, ``disconnect()`` (browser gone) closes the gateway side.
+    """
+
+    kernel_ws_protocol = Unicode(
+        None,
+        allow_none=True,
+        config=True,
+        help="""Kernel websocket subprotocol to use with the gateway and the browser.
+        None (default): offer the gateway whatever the browser offered and answer the
+        browser with the gateway's choice, so frames pass through unchanged.
+        "": legacy JSON protocol only. A name (e.g. v1.kernel.websocket.jupyter.org):
+        offer only that one. Change it only to work around a gateway that mishandles a
+        subprotocol. After negotiation each connection holds the chosen protocol here.""",
+    )
+
+    replace_timeout = Float(
+        5.0,
+        config=True,
+        help="""Seconds a reconnecting browser websocket waits for the previous gateway
+        websocket of the same kernel and session to close before opening its own.
+        Stock EG mishandles two concurrent websockets with one session id.""",
+    )
+
+    browser_open_timeout = Float(
+        30.0,
+        config=True,
+        help="""Seconds the browser's handshake may take to complete once the gateway
+        websocket is open; after that the gateway websocket is closed again.""",
+    )
+
+    upstream_ping_interval = Float(
+        30.0,
+        config=True,
+        help="""Seconds between websocket pings to the gateway (0 disables). Keeps idle
+        connections through proxies and notices a dead gateway.""",
+    )
+
+    _by_session: ClassVar[dict[str, GatewayChannelsConnection]] = {}
+
+    def __init__(self, **kwargs: Any) -> None:
+        """Create an unconnected proxy; see the class docstring for the life cycle."""
+        super().__init__(**kwargs)
+        self._upstream: WebSocketClientConnection | None = None
+        self._upstream_socket: socket.socket | None = None
+        self._upstream_closed = asyncio.Event()
+        self._pending: list[Message] = []
+        self._browser_open = False
+        self._closing = False
+        self._watchdog: asyncio.TimerHandle | None = None
+
+    @property
+    def session_key(self) -> str:
+        """``kernel_id:session_id``, the identity the gateway tracks a websocket by."""
+        return f"{self.kernel_id}:{self.session_id}"
+
+    @property
+    def gateway_url(self) -> str:
+        """The gateway's channels websocket URL for this kernel and session."""
+        client = GatewayClient.instance()
+        url = url_path_join(
+            client.ws_url or "", client.kernels_endpoint, url_escape(self.kernel_id), "channels"
+        )
+        return f"{url}?session_id={url_escape(self.session_id)}"
+
+    # -- life cycle, called by KernelWebsocketHandler --------------------------------
+
+    async def prepare(self) -> None:
+        """Open the gateway websocket before the browser's handshake is answered.
+
+        Raises ``web.HTTPError`` (the browser's handshake then fails and JupyterLab checks
+        the kernel over REST) when the gateway refuses or is unreachable, or when the
+        gateway picked none of the subprotocols the browser offered.
+        """
+        while (previous := self._by_session.get(self.session_key)) not in (None, self):
+            await self._retire(previous)
+        self._by_session[self.session_key] = self
+        offered = offered_subprotocols(self.websocket_handler.request.headers)
+        offer = subprotocols_to_offer(self.kernel_ws_protocol, offered)
+        upstream = await self._open_upstream(offer)
+        if self._closing:
+            upstream.close()
+            raise web.HTTPError(409, "Replaced by a newer connection of the same session")
+        chosen = upstream.selected_subprotocol
+        if offered and chosen not in offered:
+            # Answering without a subprotocol would fail the browser's handshake *after*
+            # open(); refusing now makes JupyterLab retry without subprotocols instead.
+            upstream.close()
+            raise web.HTTPError(400, "The gateway accepted none of the offered subprotocols")
+        self.kernel_ws_protocol = chosen or ""
+        loop = asyncio.get_running_loop()
+        self._watchdog = loop.call_later(self.browser_open_timeout, self._abandon)
+
+    async def connect(self) -> None:
+        """The browser's handshake is done: forward what the gateway sent meanwhile."""
+        self._cancel_watchdog()
+        self.websocket_handler.set_nodelay(True)
+        self._browser_open = True
+        pending, self._pending = self._pending, []
+        for message in pending:
+            self._send_to_browser(message)
+        if self._upstream_closed.is_set():
+            self._close_browser()
+
+    def disconnect(self) -> None:
+        """The browser's websocket closed: close the gateway's (the gateway buffers)."""
+        self._browser_open = False
+        self._close_both()
+
+    def handle_incoming_message(self, incoming_msg: Message) -> None:
+        """Forward one frame from the browser to the gateway, unchanged."""
+        upstream = self._upstream
+        if upstream is None or self._upstream_closed.is_set():
+            self.log.debug("Dropping a message for kernel %s: gateway closed", self.kernel_id)
+            return
+        try:
+            upstream.write_message(incoming_msg, binary=isinstance(incoming_msg, bytes))
+        except WebSocketClosedError:
+            self.log.warning("Gateway websocket of kernel %s closed mid-write", self.kernel_id)
+
+    def handle_outgoing_message(self, stream: str, outgoing_msg: list[Any]) -> None:
+        """Unused: frames from the gateway are forwarded by `_on_upstream_message`."""
+        raise NotImplementedError("gateway frames are forwarded as they arrive")
+
+    @classmethod
+    async def close_all(cls) -> None:
+        """Close every proxied websocket (called by ServerApp on shutdown)."""
+        for connection in list(cls._by_session.values()):
+            connection._close_both()
+
+    # -- the gateway side ------------------------------------------------------------
+
+    async def _open_upstream(self, offer: list[str]) -> WebSocketClientConnection:
+        """Connect to the gateway's channels websocket, with TCP_NODELAY set."""
+        client = GatewayClient.instance()
+        request = HTTPRequest(self.gateway_url, **client.load_connection_args())
+        self.log.info("Connecting to gateway channels of kernel %s", self.kernel_id)
+        try:
+            upstream = await websocket_connect(
+                request,
+                on_message_callback=self._on_upstream_message,
+                subprotocols=offer or None,
+                ping_interval=self.upstream_ping_interval or None,
+            )
+        except HTTPClientError as e:
+            self._forget()
+            refusal = refusal_from(e)
+            status, message = (refusal.status, refusal.message) if refusal else (502, str(e))
+            raise web.HTTPError(status, "Gateway refused the websocket: %s", message) from e
+        except (OSError, StreamClosedError) as e:
+            self._forget()
+            raise web.HTTPError(503, "Cannot reach the gateway at %s: %s", client.ws_url, e) from e
+        self._upstream = upstream
+        self._upstream_socket = stream_socket(getattr(upstream.protocol, "stream", None))
+        set_nodelay(self._upstream_socket)
+        return upstream
+
+    def _on_upstream_message(self, message: Message | None) -> None:
+        """A frame from the gateway (None: the gateway websocket closed)."""
+        if message is None:
+            self._on_upstream_closed()
+            return
+        ack_now(self._upstream_socket)
+        if self._browser_open:
+            self._send_to_browser(message)
+        else:
+            self._pending.append(message)
+
+    def _on_upstream_closed(self) -> None:
+        """Forget this connection; if the browser did not ask for it, make it reconnect."""
+        self._forget()
+        if self._closing or not self._browser_open:
+            return
+        code = self._upstream.close_code if self._upstream is not None else None
+        self.log.warning(
+            "Gateway closed the channels of kernel %s (code %s); closing the browser side",
+            self.kernel_id,
+            code,
+        )
+        self._close_browser()
+
+    def _forget(self) -> None:
+        """Mark the gateway side closed and drop it from the per-session registry."""
+        self._upstream_closed.set()
+        if self._by_session.get(self.session_key) is self:
+            del self._by_session[self.session_key]
+
+    # -- the browser side and closing ------------------------------------------------
+
+    def _send_to_browser(self, message: Message) -> None:
+        try:
+            self.websocket_handler.write_message(message, binary=isinstance(message, bytes))
+        except WebSocketClosedError:
+            self.log.debug("Browser websocket of kernel %s closed; dropped", self.kernel_id)
+
+    def _close_browser(self) -> None:
+        self._closing = True
+        if self._browser_open:
+            self._browser_open = False
+            self.websocket_handler.close(1011, "Gateway connection closed")
+
+    def _close_both(self) -> None:
+        """Close both websockets; safe to call more than once."""
+        self._cancel_watchdog()
+        self._close_browser()
+        if self._upstream is not None:
+            self._upstream.close()
+        # else: still connecting; prepare() closes it as soon as it opens (self._closing)
+
+    async def _retire(self, previous: GatewayChannelsConnection) -> None:
+        """Close ``previous`` (same kernel and session) and wait until the gateway saw it."""
+        self.log.info("Closing the previous websocket of %s before reconnecting", self.session_key)
+        previous._close_both()
+        try:
+            await asyncio.wait_for(previous._upstream_closed.wait(), self.replace_timeout)
+        except asyncio.TimeoutError:
+            self.log.warning("Previous websocket of %s did not close in time", self.session_key)
+            previous._forget()
+
+    def _abandon(self) -> None:
+        if not self._browser_open and not self._closing:
+            self.log.warning("Browser never completed the handshake for %s", self.session_key)
+            self._close_both()
+
+    def _cancel_watchdog(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
