@@ -17,8 +17,7 @@ from types import FrameType
 from . import bootstrap, devsecrets
 from .config import PlatformConfig, load_config
 from .errors import StartupError
-from .kernelspecs import load_kernelspecs
-from .kernelspecs.render import build_local
+from .kernelspecs.render import InvalidKernelspecs, build_local, check_kernelspecs
 from .processes import Component, Supervisor, check_ports_free, http_ok, log_tail
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -54,9 +53,23 @@ def _port_settings(config: PlatformConfig) -> dict[str, int]:
 def _redis(config: PlatformConfig, binary: str) -> Component:
     data = config.state_dir / "redis"
     data.mkdir(parents=True, exist_ok=True)
-    argv = [binary, "--port", str(config.ports.redis), "--bind", config.host,
-            "--dir", str(data), "--appendonly", "yes", "--save", "",
-            "--daemonize", "no", "--protected-mode", "yes"]
+    argv = [
+        binary,
+        "--port",
+        str(config.ports.redis),
+        "--bind",
+        config.host,
+        "--dir",
+        str(data),
+        "--appendonly",
+        "yes",
+        "--save",
+        "",
+        "--daemonize",
+        "no",
+        "--protected-mode",
+        "yes",
+    ]
     import redis  # the main venv has redis-py; a PING is the readiness check
 
     client = redis.Redis(host=config.host, port=config.ports.redis, socket_timeout=1)
@@ -79,10 +92,14 @@ def _scheduler(config: PlatformConfig) -> Component:
 def _gateway(config: PlatformConfig, python: Path, kernelspecs: Path) -> Component:
     gateway_config = devsecrets.write_gateway_config(config)
     argv = [str(python), "-m", "gateway.server", f"--config={gateway_config}"]
-    env = {"JUPYTER_PATH": str(kernelspecs), "JUPYTER_RUNTIME_DIR": str(
-        config.state_dir / "runtime" / "gateway")}
+    env = {
+        "JUPYTER_PATH": str(kernelspecs),
+        "JUPYTER_RUNTIME_DIR": str(config.state_dir / "runtime" / "gateway"),
+    }
     url = f"http://{config.host}:{config.ports.gateway}/api"
-    return Component("gateway", argv, http_ok(url, ok=(200, 401)), env=env, cwd=REPO_ROOT, start_timeout=60)
+    return Component(
+        "gateway", argv, http_ok(url, ok=(200, 401)), env=env, cwd=REPO_ROOT, start_timeout=60
+    )
 
 
 def _hub(config: PlatformConfig) -> Component:
@@ -95,6 +112,15 @@ def _hub(config: PlatformConfig) -> Component:
     }
     url = f"http://{config.host}:{config.ports.hub}/hub/api/"
     return Component("hub", argv, http_ok(url), env=env, cwd=config.state_dir, start_timeout=60)
+
+
+def validate(config: PlatformConfig) -> list[str]:
+    """Everything a user can get wrong, checked before anything is installed or written."""
+    check_ports_free(config.host, _port_settings(config), source=config.source)
+    checked = check_kernelspecs(config)
+    if checked.errors:
+        raise InvalidKernelspecs(checked.problems)
+    return list(checked.specs)
 
 
 def prepare(config: PlatformConfig, *, install: bool) -> dict[str, Path | str]:
@@ -113,8 +139,6 @@ def prepare(config: PlatformConfig, *, install: bool) -> dict[str, Path | str]:
     devsecrets.ensure_demo_logins(config)
     step(3, 5, "kernelspecs")
     tools["kernelspecs"] = build_local(config, config.state_dir / "kernelspecs" / "local")
-    specs = load_kernelspecs(config.kernelspecs_dir, config)
-    progress(f"{len(specs)} kernelspecs: {', '.join(specs)}")
     return tools
 
 
@@ -151,8 +175,9 @@ def _raise_stop(signum: int, frame: FrameType | None) -> None:
 def run(args: argparse.Namespace) -> int:
     """Prepare, start, wait until a signal or a crash, stop everything."""
     config = load_config(args.config)
-    check_ports_free(config.host, _port_settings(config), source=config.source)
+    specs = validate(config)
     tools = prepare(config, install=not args.skip_install)
+    progress(f"{len(specs)} kernelspecs: {', '.join(specs)}")
     supervisor = Supervisor(config.state_dir / "logs", progress=progress)
     signal.signal(signal.SIGTERM, _raise_stop)
     signal.signal(signal.SIGINT, _raise_stop)

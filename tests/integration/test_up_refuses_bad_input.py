@@ -9,13 +9,18 @@ from pathlib import Path
 
 import yaml
 
+from tests.support.ports import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 
 
 def _up(config: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "kernelfleet.cli", "--config", str(config), "up", "--skip-install"],
-        capture_output=True, text=True, timeout=60, cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
     )
 
 
@@ -45,3 +50,25 @@ def test_port_in_use_names_the_port_and_the_setting(tmp_path: Path) -> None:
     assert f"port {port} (ports.gateway in {config}) is in use" in result.stderr
     assert "change ports.gateway" in result.stderr
     assert not (tmp_path / "state").exists()
+
+
+def test_bad_kernelspec_stops_up_with_file_and_field(tmp_path: Path) -> None:
+    specs = tmp_path / "kernelspecs"
+    for name in ("python-cpu", "python-gpu"):
+        (specs / name).mkdir(parents=True)
+        (specs / name / "spec.yaml").write_text(
+            (REPO / "kernelspecs" / name / "spec.yaml").read_text()
+        )
+    (specs / "python-gpu" / "spec.yaml").write_text(
+        "display_name: GPU\npool: gpu\nresources: {gpus: -1}\n"
+    )
+    raw = yaml.safe_load((REPO / "kernelfleet.yaml").read_text())
+    raw.update(state_dir=str(tmp_path / "state"), kernelspecs_dir=str(specs))
+    raw["ports"] = {name: free_port() for name in raw["ports"]}
+    config = tmp_path / "kernelfleet.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    result = _up(config)
+    assert result.returncode == 2
+    assert "kernelspecs/python-gpu/spec.yaml: resources.gpus" in result.stderr
+    assert "must not be negative" in result.stderr
+    assert not (tmp_path / "state").exists()  # nothing was written or started
