@@ -162,6 +162,11 @@ class HubUser:
             method, f"{self.server}/api{path}", headers=self._xsrf_headers(), **kwargs
         )
 
+    async def shutdown_kernels(self) -> None:
+        """Shut down every kernel this user has (tests share one stack)."""
+        for kernel in (await self.api("GET", "/kernels")).json():
+            await self.api("DELETE", f"/kernels/{kernel['id']}")
+
     async def start_kernel(self, name: str) -> httpx.Response:
         return await self.api("POST", "/kernels", json={"name": name})
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from .stack import Stack
+from .stack import HubUser, Stack
 
 playwright_api = pytest.importorskip("playwright.async_api")
 CHROMIUM = Path("/usr/bin/chromium")
@@ -63,6 +63,11 @@ async def test_carol_runs_a_gpu_cell_from_the_launcher(stack: Stack) -> None:
             )
         finally:
             await browser.close()
+            carol = HubUser(stack, "carol")
+            await carol.login()
+            await carol.start_server()
+            await carol.shutdown_kernels()  # give the GPU back for the other tests
+            await carol.close()
     assert re.fullmatch(r"device [01]", text.strip()), text
     # carol's launcher offers exactly the kernelspecs her group may use
     assert any("Python 3 (GPU)" in c for c in cards)

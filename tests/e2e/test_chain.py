@@ -131,6 +131,7 @@ async def test_kernelspecs_follow_groups_and_gpu_gets_a_device(
     assert refused.status_code == 403
     assert "python-gpu" in refused.json()["message"]
 
+    await carol.shutdown_kernels()
     carol_specs = (await carol.api("GET", "/kernelspecs")).json()["kernelspecs"]
     assert "python-gpu" in carol_specs
     kernel_id = await _start(carol, "python-gpu")
@@ -145,8 +146,7 @@ async def test_quota_refusal_reaches_the_notebook_server_and_shutdown_frees_it(
 ) -> None:
     bob = users["bob"]
     await bob.start_server()
-    for kernel in (await bob.api("GET", "/kernels")).json():
-        await bob.api("DELETE", f"/kernels/{kernel['id']}")
+    await bob.shutdown_kernels()
     started = [await _start(bob, "python-cpu") for _ in range(3)]
     refused = await bob.start_kernel("python-cpu")
     assert refused.status_code == 403, refused.text
