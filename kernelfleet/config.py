@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import ConfigError
+from .kubernetes_settings import KubernetesSettings
 
 DEFAULT_CONFIG = "kernelfleet.yaml"
 _MEMORY_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
@@ -168,6 +169,7 @@ class PlatformConfig(_Strict):
     users: dict[str, UserConfig] = {}
     authenticator: AuthConfig = AuthConfig()
     kernel_launch_timeout: int = 60
+    kubernetes: KubernetesSettings = KubernetesSettings()
     source: Path = Field(Path(DEFAULT_CONFIG), description="The file this was loaded from.")
 
     @field_validator("pools")

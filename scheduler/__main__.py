@@ -6,6 +6,13 @@ read from ``<state_dir>/secrets/scheduler_token`` (``--token-file`` overrides); 
 never logged nor accepted on the command line. Start-up problems (bad config, missing
 token, port in use) print one line and exit with status 2. Redis being down is not a
 start-up problem: the scheduler answers 503 until it is back.
+
+Background loops start with it (:mod:`scheduler.loops`): queue time-outs and promotions
+always; reconciliation with Enterprise Gateway at ``http://{host}:{ports.gateway}``
+(``--gateway-url``) when the gateway's service token file exists
+(``<state_dir>/secrets/gateway_service_token``, ``--gateway-token-file``). Users' hub
+tokens are resolved at ``http://{host}:{ports.hub_api}/hub/api`` (``--hub-api-url``;
+empty: only the service token is accepted).
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import uvicorn
 
@@ -27,14 +35,21 @@ from kernelfleet.errors import KernelfleetError, StartupError
 from kernelfleet.kernelspecs.spec import KernelSpec, load_kernelspecs
 
 from .app import create_app
+from .auth import HubTokenResolver
 from .errors import RedisUnavailable
+from .loops import Loops
 from .pools import resolve_pools
+from .reconcile import KERNEL_GRACE_S, LEASE_GRACE_S, EnterpriseGatewayClient, Reconciler
 from .service import Scheduler
 from .store import connect, describe
+
+if TYPE_CHECKING:
+    from .kubernetes import KubernetesBackend
 
 log = logging.getLogger("scheduler")
 
 TOKEN_FILE = Path("secrets") / "scheduler_token"
+GATEWAY_TOKEN_FILE = Path("secrets") / "gateway_service_token"
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -53,6 +68,42 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--token-file",
         type=Path,
         help="file holding the service token (default: <state_dir>/secrets/scheduler_token)",
+    )
+    parser.add_argument(
+        "--gateway-url",
+        help="Enterprise Gateway, for reconciliation (default: http://<host>:<ports.gateway>)",
+    )
+    parser.add_argument(
+        "--gateway-token-file",
+        type=Path,
+        help="the gateway's hub service token, an admin identity on EG (default: "
+        "<state_dir>/secrets/gateway_service_token; missing: no reconciliation)",
+    )
+    parser.add_argument(
+        "--hub-api-url",
+        help="JupyterHub API for users' own tokens (default: http://<host>:<ports.hub_api>"
+        "/hub/api; '' accepts only the service token)",
+    )
+    parser.add_argument(
+        "--reconcile-interval",
+        type=float,
+        default=15.0,
+        metavar="SECONDS",
+        help="seconds between reconciliation rounds (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--lease-grace",
+        type=float,
+        default=LEASE_GRACE_S,
+        metavar="SECONDS",
+        help="release a lease whose kernel EG does not run after this long (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--kernel-grace",
+        type=float,
+        default=KERNEL_GRACE_S,
+        metavar="SECONDS",
+        help="stop a kernel EG runs without a lease after this long (default: %(default)s)",
     )
     parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
@@ -114,23 +165,59 @@ class Startup:
     token: str
     kernelspecs: dict[str, KernelSpec]
     redis_url: str
+    gateway_url: str
+    gateway_token: str | None
+    hub_api_url: str
+    reconcile_interval_s: float = 15.0
+    lease_grace_s: float = LEASE_GRACE_S
+    kernel_grace_s: float = KERNEL_GRACE_S
+
+
+def _gateway_token(args: argparse.Namespace, platform: PlatformConfig) -> str | None:
+    """The gateway's service token, or None (no reconciliation) if its file is missing."""
+    path = args.gateway_token_file or platform.state_dir / GATEWAY_TOKEN_FILE
+    if args.gateway_token_file is None and not path.exists():
+        return None
+    return read_token(path)
 
 
 def prepare(args: argparse.Namespace) -> Startup:
-    """Load config, kernelspecs and token; raise KernelfleetError naming what is wrong."""
+    """Load config, kernelspecs and tokens; raise KernelfleetError naming what is wrong."""
     platform = load_config(args.config)
+    hub_api = f"{_url(platform.host, platform.ports.hub_api)}/hub/api"
     return Startup(
         platform=platform,
         token=read_token(args.token_file or platform.state_dir / TOKEN_FILE),
         kernelspecs=load_kernelspecs(platform.kernelspecs_dir, platform),
         redis_url=args.redis_url or f"redis://127.0.0.1:{platform.ports.redis}/0",
+        gateway_url=args.gateway_url or _url(platform.host, platform.ports.gateway),
+        gateway_token=_gateway_token(args, platform),
+        hub_api_url=hub_api if args.hub_api_url is None else args.hub_api_url,
+        reconcile_interval_s=args.reconcile_interval,
+        lease_grace_s=args.lease_grace,
+        kernel_grace_s=args.kernel_grace,
     )
+
+
+def _loops(startup: Startup, scheduler: Scheduler) -> tuple[Loops, EnterpriseGatewayClient | None]:
+    """The background loops; reconciliation only with the gateway's token."""
+    if startup.gateway_token is None:
+        log.warning("no gateway service token: reconciliation with Enterprise Gateway is off")
+        return Loops(scheduler), None
+    gateway = EnterpriseGatewayClient(startup.gateway_url, startup.gateway_token)
+    reconciler = Reconciler(scheduler, gateway, lease_grace_s=startup.lease_grace_s,
+                            kernel_grace_s=startup.kernel_grace_s)  # fmt: skip
+    log.info("reconciling with Enterprise Gateway at %s every %s s", startup.gateway_url,
+             startup.reconcile_interval_s)  # fmt: skip
+    return Loops(scheduler, reconciler=reconciler,
+                 reconcile_interval_s=startup.reconcile_interval_s), gateway  # fmt: skip
 
 
 async def serve(startup: Startup, sock: socket.socket, *, log_level: str = "info") -> None:
     """Build the scheduler and serve it on ``sock`` until told to stop."""
     platform = startup.platform
-    pools = resolve_pools(platform)
+    kube = await _kubernetes_backend(startup)  # None unless backend: kubernetes
+    pools = kube.pools if kube else resolve_pools(platform)
     for pool in pools.values():
         log.info("pool %s: capacity %s, simulated GPUs: %s", pool.name, pool.capacity(),
                  pool.simulated_gpus)  # fmt: skip
@@ -143,16 +230,40 @@ async def serve(startup: Startup, sock: socket.socket, *, log_level: str = "info
         await scheduler.ping()
     except RedisUnavailable as e:
         log.warning("%s Serving 503 until it answers.", e.message)
-    app = create_app(scheduler, token=startup.token)
+    resolver = HubTokenResolver(startup.hub_api_url) if startup.hub_api_url else None
+    served = kube.attach(scheduler) if kube else scheduler
+    app = create_app(served, token=startup.token, resolver=resolver)  # type: ignore[arg-type]
+    if kube:
+        kube.add_routes(app)
     config = uvicorn.Config(app, log_config=None, log_level=log_level, lifespan="off")
     server = uvicorn.Server(config)
     url = _url(platform.host, platform.ports.scheduler)
+    loops, gateway = _loops(startup, scheduler)
+    loops.start()
     announce = asyncio.create_task(_announce(server, url))
     try:
         await server.serve(sockets=[sock])
     finally:
         announce.cancel()
+        await loops.stop()
+        for client in (gateway, resolver, kube):
+            if client is not None:
+                await client.aclose()
         await redis.aclose()
+
+
+async def _kubernetes_backend(startup: Startup) -> KubernetesBackend | None:
+    """Pools from nodes, pod watch and placeholders (scheduler.kubernetes), or None."""
+    if startup.platform.backend != "kubernetes":
+        return None
+    from .kubernetes import KubernetesBackend  # only this backend needs kubernetes_asyncio
+    from .kubernetes_watch import KubernetesError
+
+    try:
+        return await KubernetesBackend.start(startup.platform, startup.kernelspecs)
+    except (KubernetesError, OSError) as e:
+        print(f"scheduler: cannot read the pools' nodes from Kubernetes: {e}", file=sys.stderr)
+        raise SystemExit(2) from e
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -161,6 +272,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if args.log_level != "debug":  # httpx logs every call to EG and the hub at INFO
+        logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         startup = prepare(args)
         sock = listen(startup.platform)

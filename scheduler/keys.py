@@ -5,29 +5,52 @@ All scheduler state lives in Redis under the ``kf:`` prefix. Names that come fro
 with another key. Lua scripts get every key they touch from these functions, through
 ``KEYS`` (never built inside a script), so the layout can be read here in one place:
 
-========================================  ======  ==============================================
-key                                       type    content
-========================================  ======  ==============================================
-``kf:lease:{kernel_id}``                  hash    one lease (see :mod:`scheduler.leases`)
-``kf:leases``                             zset    kernel_id scored by created time (unix s)
-``kf:user:{user}:leases``                 set     kernel_ids of a user's leases
-``kf:user:{user}:usage``                  hash    kernels, cpus_milli, memory, gpus held by user
-``kf:pool:{pool}:leases``                 set     kernel_ids of the leases in a pool
-``kf:pool:{pool}:usage``                  hash    kernels, cpus_milli, memory, gpus used in pool
-``kf:pool:{pool}:states``                 hash    lease state -> number of leases in that state
-``kf:pool:{pool}:gpus:free``              set     free GPU device indexes of the pool
-``kf:pool:{pool}:gpus:held``              hash    GPU device index -> kernel_id holding it
-``kf:pool:{pool}:meta``                   hash    gpu_devices: device count the free set is for
-========================================  ======  ==============================================
+==========================================  ======  ============================================
+key                                         type    content
+==========================================  ======  ============================================
+``kf:lease:{kernel_id}``                    hash    one lease (see :mod:`scheduler.leases`)
+``kf:leases``                               zset    kernel_id scored by created time (unix s)
+``kf:stopped:{kernel_id}``                  hash    a stopped lease, kept a while (TTL)
+``kf:leases:stopped``                       zset    kernel_id of stopped leases by stop time
+``kf:user:{user}:leases``                   set     kernel_ids of a user's leases
+``kf:user:{user}:usage``                    hash    kernels, cpus_milli, memory, gpus held by user
+``kf:user:{user}:gpu:running``              zset    ``gpus|kernel_id`` by start time
+``kf:user:{user}:gpu:done``                 zset    ``gpus|start|kernel_id`` by end time (24 h)
+``kf:user:{user}:queued``                   set     kernel_ids of a user's waiting requests
+``kf:user:{user}:profile``                  hash    groups (JSON), admin, seen: last admission
+``kf:users``                                zset    user names by last admission time
+``kf:pool:{pool}:leases``                   set     kernel_ids of the leases in a pool
+``kf:pool:{pool}:usage``                    hash    kernels, cpus_milli, memory, gpus used in pool
+``kf:pool:{pool}:states``                   hash    lease state -> number of leases in that state
+``kf:pool:{pool}:gpus:free``                set     free GPU device indexes of the pool
+``kf:pool:{pool}:gpus:held``                hash    GPU device index -> kernel_id holding it
+``kf:pool:{pool}:meta``                     hash    gpu_devices: device count the free set is for
+``kf:pool:{pool}:queue``                    zset    ``seq|kernel_id`` by fair-queue tag
+``kf:pool:{pool}:queue:user:{user}``        zset    kernel_id by tag: one user's waiting requests
+``kf:pool:{pool}:queue:meta``               hash    vtime (tag last served), seq (arrivals)
+``kf:queued:{kernel_id}``                   hash    one queue entry and, for a while, its outcome
+``kf:queue:deadlines``                      zset    waiting kernel_id by deadline (unix s)
+``kf:queue:seen``                           zset    waiting kernel_id by its client's last poll
+``kf:reconcile:missing``                    zset    leased kernel_id EG does not run, by first seen
+``kf:reconcile:orphans``                    zset    kernel_id EG runs unleased, by first seen
+``kf:lock:{name}``                          string  holder of a loop's lock (with expiry)
+``kf:start-failure:{kernel_id}``            hash    why a kernel pod did not start (kubernetes; TTL)
+==========================================  ======  ============================================
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from urllib.parse import quote
 
 PREFIX = "kf"
 LEASES = f"{PREFIX}:leases"
+STOPPED = f"{PREFIX}:leases:stopped"
+USERS = f"{PREFIX}:users"
+QUEUE_DEADLINES = f"{PREFIX}:queue:deadlines"
+QUEUE_SEEN = f"{PREFIX}:queue:seen"
+RECONCILE_MISSING = f"{PREFIX}:reconcile:missing"
+RECONCILE_ORPHANS = f"{PREFIX}:reconcile:orphans"
 
 
 def _part(name: str) -> str:
@@ -40,6 +63,11 @@ def lease(kernel_id: str) -> str:
     return f"{PREFIX}:lease:{_part(kernel_id)}"
 
 
+def stopped(kernel_id: str) -> str:
+    """The hash of a stopped lease (expires)."""
+    return f"{PREFIX}:stopped:{_part(kernel_id)}"
+
+
 def user_leases(user: str) -> str:
     """The set of a user's kernel ids."""
     return f"{PREFIX}:user:{_part(user)}:leases"
@@ -48,6 +76,26 @@ def user_leases(user: str) -> str:
 def user_usage(user: str) -> str:
     """The hash of what a user holds across all pools."""
     return f"{PREFIX}:user:{_part(user)}:usage"
+
+
+def user_gpu_running(user: str) -> str:
+    """The zset of a user's running GPU leases (``gpus|kernel_id`` by start time)."""
+    return f"{PREFIX}:user:{_part(user)}:gpu:running"
+
+
+def user_gpu_done(user: str) -> str:
+    """The zset of a user's GPU leases that ended in the last day (by end time)."""
+    return f"{PREFIX}:user:{_part(user)}:gpu:done"
+
+
+def user_queued(user: str) -> str:
+    """The set of a user's waiting kernel ids, all pools."""
+    return f"{PREFIX}:user:{_part(user)}:queued"
+
+
+def user_profile(user: str) -> str:
+    """The hash of what the last admission said about a user (groups, admin)."""
+    return f"{PREFIX}:user:{_part(user)}:profile"
 
 
 def pool_leases(pool: str) -> str:
@@ -80,11 +128,42 @@ def pool_meta(pool: str) -> str:
     return f"{PREFIX}:pool:{_part(pool)}:meta"
 
 
-@dataclass(frozen=True)
-class LeaseKeys:
-    """The keys that admitting or releasing one lease touches, in ``KEYS`` order.
+def pool_queue(pool: str) -> str:
+    """The zset of a pool's waiting requests, in service order."""
+    return f"{PREFIX}:pool:{_part(pool)}:queue"
 
-    Admission and release scripts take exactly these, so both agree on positions.
+
+def pool_queue_user(pool: str, user: str) -> str:
+    """The zset of one user's waiting requests in a pool (by tag)."""
+    return f"{PREFIX}:pool:{_part(pool)}:queue:user:{_part(user)}"
+
+
+def pool_queue_meta(pool: str) -> str:
+    """The hash of a pool queue's virtual time and arrival counter."""
+    return f"{PREFIX}:pool:{_part(pool)}:queue:meta"
+
+
+def queued(kernel_id: str) -> str:
+    """The hash of one queue entry."""
+    return f"{PREFIX}:queued:{_part(kernel_id)}"
+
+
+def start_failure(kernel_id: str) -> str:
+    """The hash of why a kernel's pod did not start (see :mod:`scheduler.kubernetes`)."""
+    return f"{PREFIX}:start-failure:{_part(kernel_id)}"
+
+
+def lock(name: str) -> str:
+    """A loop's lock."""
+    return f"{PREFIX}:lock:{_part(name)}"
+
+
+@dataclass(frozen=True)
+class ScriptKeys:
+    """Every key a script may touch for one kernel of ``user`` in ``pool``, in ``KEYS`` order.
+
+    All scripts take these same keys (see :mod:`scheduler.lua`), which bind them to names
+    with :func:`lua_bindings`, so Python and Lua cannot disagree on positions.
     """
 
     lease: str
@@ -97,9 +176,22 @@ class LeaseKeys:
     gpus_free: str
     gpus_held: str
     pool_meta: str
+    gpu_running: str
+    gpu_done: str
+    queue: str
+    queue_user: str
+    queue_meta: str
+    entry: str
+    user_queued: str
+    deadlines: str
+    seen: str
+    stopped: str
+    stopped_index: str
+    profile: str
+    users: str
 
     @classmethod
-    def for_lease(cls, kernel_id: str, *, user: str, pool: str) -> LeaseKeys:
+    def for_kernel(cls, kernel_id: str, *, user: str, pool: str) -> ScriptKeys:
         """The keys of ``kernel_id`` owned by ``user`` in ``pool``."""
         return cls(
             lease=lease(kernel_id),
@@ -112,19 +204,27 @@ class LeaseKeys:
             gpus_free=pool_gpus_free(pool),
             gpus_held=pool_gpus_held(pool),
             pool_meta=pool_meta(pool),
+            gpu_running=user_gpu_running(user),
+            gpu_done=user_gpu_done(user),
+            queue=pool_queue(pool),
+            queue_user=pool_queue_user(pool, user),
+            queue_meta=pool_queue_meta(pool),
+            entry=queued(kernel_id),
+            user_queued=user_queued(user),
+            deadlines=QUEUE_DEADLINES,
+            seen=QUEUE_SEEN,
+            stopped=stopped(kernel_id),
+            stopped_index=STOPPED,
+            profile=user_profile(user),
+            users=USERS,
         )
 
     def as_list(self) -> list[str]:
-        """The keys in the order the Lua scripts read them (KEYS[1] .. KEYS[10])."""
-        return [
-            self.lease,
-            self.leases,
-            self.user_leases,
-            self.user_usage,
-            self.pool_leases,
-            self.pool_usage,
-            self.pool_states,
-            self.gpus_free,
-            self.gpus_held,
-            self.pool_meta,
-        ]
+        """The keys in ``KEYS`` order."""
+        return [getattr(self, f.name) for f in fields(self)]
+
+    @classmethod
+    def lua_bindings(cls) -> str:
+        """Lua that names the keys: ``local K = {lease = KEYS[1], ...}``."""
+        pairs = ", ".join(f"{f.name} = KEYS[{i}]" for i, f in enumerate(fields(cls), start=1))
+        return f"local K = {{{pairs}}}\n"

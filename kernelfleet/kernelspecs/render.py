@@ -31,7 +31,6 @@ LOCAL_PROCESS_PROXY = "enterprise_gateway.services.processproxies.processproxy.L
 KERNEL_JSON = "kernel.json"
 _LAUNCHER = ["-m", "ipykernel_launcher", "-f", "{connection_file}"]
 BACKENDS = ("local", "kubernetes")
-KUBERNETES_NOT_YET = "the kubernetes backend is built in issue #5 (not yet available)"
 # Marks an output folder as ours: a build replaces the whole folder, so it refuses to
 # replace one that it did not write (a mistyped --output must not delete someone's files).
 MARKER = ".kernelfleet-kernelspecs"
@@ -335,7 +334,7 @@ def local_python(spec: KernelSpec, config: PlatformConfig) -> Path:
 def kernelfleet_metadata(spec: KernelSpec, config: PlatformConfig) -> dict[str, Any]:
     """``metadata.kernelfleet``: the policy gateway.server and the scheduler read."""
     pool = config.pools[spec.pool]
-    return {
+    metadata: dict[str, Any] = {
         "name": spec.name,
         "pool": spec.pool,
         "groups": list(spec.groups),
@@ -345,6 +344,12 @@ def kernelfleet_metadata(spec: KernelSpec, config: PlatformConfig) -> dict[str, 
         "warm_target": spec.warm_target,
         "simulated_gpu": pool.simulated_gpus,
     }
+    # Paths and variable names only: the gateway reads the values at start (compliance.md).
+    if spec.secrets:
+        metadata["secrets"] = [secret.metadata() for secret in spec.secrets]
+    if spec.audit.metadata():
+        metadata["audit"] = spec.audit.metadata()
+    return metadata
 
 
 def render_local(spec: KernelSpec, config: PlatformConfig) -> Files:
@@ -362,7 +367,13 @@ def render_local(spec: KernelSpec, config: PlatformConfig) -> Files:
     return {**_assets(spec), KERNEL_JSON: _json_bytes(kernel)}
 
 
-RENDERERS: dict[str, Renderer] = {"local": render_local}
+def _render_kubernetes(spec: KernelSpec, config: PlatformConfig) -> Files:
+    from .render_kubernetes import render_kubernetes  # its own module; imports this one
+
+    return render_kubernetes(spec, config)
+
+
+RENDERERS: dict[str, Renderer] = {"local": render_local, "kubernetes": _render_kubernetes}
 
 
 def _assets(spec: KernelSpec) -> Files:
@@ -407,8 +418,6 @@ def renderer_for(backend: str) -> Renderer:
     """The renderer of a backend, or a KernelfleetError saying why there is none."""
     if backend in RENDERERS:
         return RENDERERS[backend]
-    if backend == "kubernetes":
-        raise KernelfleetError(KUBERNETES_NOT_YET)
     raise KernelfleetError(f"unknown backend '{backend}' (known: {', '.join(BACKENDS)})")
 
 

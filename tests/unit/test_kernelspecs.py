@@ -375,14 +375,3 @@ def test_assets_beside_spec_yaml_are_copied(project: Path) -> None:
     assert (output / "kernels" / "python-gpu" / "logo-64x64.png").read_bytes() == logo
     spec = JupyterKernelSpec.from_resource_dir(str(output / "kernels" / "python-gpu"))
     assert spec.resource_dir.endswith("python-gpu")
-
-
-def test_kubernetes_backend_is_not_available_yet(
-    project: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    code, out, err = kernelspecs(capsys, "build", "--backend", "kubernetes")
-    assert (code, out) == (2, "")
-    assert err == (
-        "kernelfleet: error: the kubernetes backend is built in issue #5 (not yet available)\n"
-    )
-    assert not (project / ".kernelfleet").exists()
