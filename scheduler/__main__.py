@@ -37,6 +37,7 @@ from kernelfleet.kernelspecs.spec import KernelSpec, load_kernelspecs
 from .app import create_app
 from .auth import HubTokenResolver
 from .errors import RedisUnavailable
+from .eviction import Evictor
 from .loops import Loops
 from .pools import resolve_pools
 from .reconcile import KERNEL_GRACE_S, LEASE_GRACE_S, EnterpriseGatewayClient, Reconciler
@@ -106,6 +107,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="stop a kernel EG runs without a lease after this long (default: %(default)s)",
     )
     parser.add_argument(
+        "--eviction-interval",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="warn and stop idle kernels this often (default: %(default)s)",
+    )
+    parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
     )
     return parser.parse_args(argv)
@@ -171,6 +179,7 @@ class Startup:
     reconcile_interval_s: float = 15.0
     lease_grace_s: float = LEASE_GRACE_S
     kernel_grace_s: float = KERNEL_GRACE_S
+    eviction_interval_s: float = 5.0
 
 
 def _gateway_token(args: argparse.Namespace, platform: PlatformConfig) -> str | None:
@@ -196,6 +205,7 @@ def prepare(args: argparse.Namespace) -> Startup:
         reconcile_interval_s=args.reconcile_interval,
         lease_grace_s=args.lease_grace,
         kernel_grace_s=args.kernel_grace,
+        eviction_interval_s=args.eviction_interval,
     )
 
 
@@ -209,8 +219,10 @@ def _loops(startup: Startup, scheduler: Scheduler) -> tuple[Loops, EnterpriseGat
                             kernel_grace_s=startup.kernel_grace_s)  # fmt: skip
     log.info("reconciling with Enterprise Gateway at %s every %s s", startup.gateway_url,
              startup.reconcile_interval_s)  # fmt: skip
-    return Loops(scheduler, reconciler=reconciler,
-                 reconcile_interval_s=startup.reconcile_interval_s), gateway  # fmt: skip
+    evictor = Evictor(scheduler, gateway, kernelspecs=startup.kernelspecs)
+    return Loops(scheduler, reconciler=reconciler, evictor=evictor,
+                 reconcile_interval_s=startup.reconcile_interval_s,
+                 eviction_interval_s=startup.eviction_interval_s), gateway  # fmt: skip
 
 
 async def serve(startup: Startup, sock: socket.socket, *, log_level: str = "info") -> None:
@@ -235,7 +247,15 @@ async def serve(startup: Startup, sock: socket.socket, *, log_level: str = "info
     app = create_app(served, token=startup.token, resolver=resolver)  # type: ignore[arg-type]
     if kube:
         kube.add_routes(app)
-    config = uvicorn.Config(app, log_config=None, log_level=log_level, lifespan="off")
+    config = uvicorn.Config(
+        app,
+        log_config=None,
+        log_level=log_level,
+        lifespan="off",
+        # longer than clients keep idle connections (the gateway: 2 s), so a client never
+        # sends on a connection the server is closing
+        timeout_keep_alive=30,
+    )
     server = uvicorn.Server(config)
     url = _url(platform.host, platform.ports.scheduler)
     loops, gateway = _loops(startup, scheduler)

@@ -1,39 +1,37 @@
-"""The scheduler's HTTP API (docs/contracts.md), as a FastAPI app built around a Scheduler.
+"""The scheduler's HTTP API (docs/scheduler.md), as a FastAPI app built around a Scheduler.
 
-Every ``/v1`` request needs ``Authorization: token <service token>`` (401 otherwise).
+Every ``/v1`` request needs ``Authorization: token <token>`` (401 otherwise): the service
+token, or a user's hub API token (see :mod:`scheduler.auth`); the routes are in
+:mod:`scheduler.api`.
 Every error - the scheduler's own, unknown routes, wrong methods, invalid bodies - is
 ``{"error": code, "message": text}``; no stack trace ever reaches a client.
 """
 
 from __future__ import annotations
 
-import hmac
 import logging
-import time
 
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import models
-from .errors import RedisUnavailable, SchedulerError, Unauthorized
+from .api import v1_router
+from .auth import SERVICE, Caller, TokenResolver, is_service_token
+from .errors import SchedulerError, Unauthorized
 from .metrics import CONTENT_TYPE, SchedulerMetrics
 from .service import Scheduler
 
 log = logging.getLogger(__name__)
 
 API_PREFIX = "/v1"
-_ERRORS = {
-    401: {"model": models.ErrorBody, "description": "missing or wrong service token"},
+_ERRORS: dict[int | str, dict[str, object]] = {
+    401: {"model": models.ErrorBody, "description": "missing or wrong token"},
+    403: {"model": models.ErrorBody, "description": "forbidden for this caller"},
     422: {"model": models.ErrorBody, "description": "invalid request"},
-    503: {"model": models.ErrorBody, "description": "Redis is unreachable"},
-}
-_ADMISSION_ERRORS = {
-    403: {"model": models.ErrorBody, "description": "quota_exceeded, kernelspec_forbidden"},
-    404: {"model": models.ErrorBody, "description": "unknown_kernelspec"},
-    409: {"model": models.ErrorBody, "description": "pool_full, lease_conflict"},
+    503: {"model": models.ErrorBody, "description": "Redis (or JupyterHub) is unreachable"},
 }
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
 
@@ -52,29 +50,48 @@ def _token_of(scope: Scope) -> str | None:
     return None
 
 
-class TokenAuth:
-    """ASGI middleware: requests under ``/v1`` must carry the service token."""
+class CallerAuth:
+    """ASGI middleware: requests under ``/v1`` must carry the service token or, when a
+    ``resolver`` is given, a user's JupyterHub API token; the caller goes to
+    ``request.state.caller`` (see :mod:`scheduler.auth`)."""
 
-    def __init__(self, app: ASGIApp, *, token: str) -> None:
+    def __init__(self, app: ASGIApp, *, token: str, resolver: TokenResolver | None) -> None:
         self.app = app
-        self._token = token.encode()
+        self._token = token
+        self._resolver = resolver
 
-    def _allowed(self, scope: Scope) -> bool:
+    async def _caller(self, scope: Scope) -> Caller | None:
         token = _token_of(scope)
-        return token is not None and hmac.compare_digest(token.encode(), self._token)
+        if token is None:
+            return None
+        if is_service_token(token, self._token):
+            return SERVICE
+        if self._resolver is None:
+            return None
+        return await self._resolver.resolve(token)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
         protected = path == API_PREFIX or path.startswith(API_PREFIX + "/")
-        if scope["type"] == "http" and protected and not self._allowed(scope):
+        if scope["type"] != "http" or not protected:
+            await self.app(scope, receive, send)
+            return
+        try:
+            found = await self._caller(scope)
+        except SchedulerError as e:
+            log.warning("authentication: %s", e.log_message)
+            await _error(e.status, e.code, e.message)(scope, receive, send)
+            return
+        if found is None:
             error = Unauthorized(
-                "Missing or wrong service token: send 'Authorization: token <token>' "
-                "with the token from secrets/scheduler_token in the state dir."
+                "Missing or wrong token: send 'Authorization: token <token>' with the token "
+                "from secrets/scheduler_token in the state dir (or your JupyterHub API token)."
             )
             headers = {"WWW-Authenticate": "token"}
             response = _error(error.status, error.code, error.message, **headers)
             await response(scope, receive, send)
             return
+        scope.setdefault("state", {})["caller"] = found
         await self.app(scope, receive, send)
 
 
@@ -123,73 +140,31 @@ def _install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, unexpected)
 
 
-def _v1_router(scheduler: Scheduler, metrics: SchedulerMetrics) -> APIRouter:
-    """The authenticated API: admissions, leases, pools."""
-    router = APIRouter(prefix=API_PREFIX, responses=_ERRORS)
-
-    @router.post(
-        "/admissions", status_code=201, responses=_ADMISSION_ERRORS,
-        response_model=models.AdmissionResponse,
-    )  # fmt: skip
-    async def admit(body: models.AdmissionRequest) -> models.AdmissionResponse:
-        """Admit a kernel (atomically: quota, pool capacity, GPU devices) or refuse.
-
-        Admitting the same kernel_id again returns the same lease (idempotent).
-        """
-        start = time.perf_counter()
-        try:
-            admission = await scheduler.admitter.admit(
-                kernel_id=body.kernel_id, user=body.user, groups=body.groups,
-                kernelspec=body.kernelspec, admin=body.admin,
-            )  # fmt: skip
-        except SchedulerError as e:
-            decision = "error" if isinstance(e, RedisUnavailable) else "refused"
-            metrics.admission(decision, e.code)
-            log.info("refused kernel %s of %s (%s): %s", body.kernel_id, body.user,
-                     body.kernelspec, e.log_message)  # fmt: skip
-            raise
-        finally:
-            metrics.admission_seconds.observe(time.perf_counter() - start)
-        metrics.admission("admitted", "new" if admission.created else "existing")
-        return models.AdmissionResponse(lease=admission.lease, env=admission.env)
-
-    @router.delete("/leases/{kernel_id}", response_model=models.ReleaseResponse)
-    async def release(kernel_id: models.KernelId) -> models.ReleaseResponse:
-        """Release a kernel's lease and what it holds; ``released: false`` if none."""
-        return models.ReleaseResponse(released=await scheduler.leases.release(kernel_id))
-
-    @router.get("/leases", response_model=models.LeasesResponse)
-    async def list_leases(
-        user: str | None = None, pool: str | None = None, kernelspec: str | None = None
-    ) -> models.LeasesResponse:
-        """Leases, oldest first, filtered by user, pool and kernelspec."""
-        found = await scheduler.leases.list(user=user, pool=pool, kernelspec=kernelspec)
-        return models.LeasesResponse(leases=found)
-
-    @router.get("/pools", response_model=models.PoolsResponse)
-    async def pools() -> models.PoolsResponse:
-        """Every pool: capacity (overcommit applied), what is used, simulated GPUs, cost."""
-        statuses = await scheduler.pool_status()
-        return models.PoolsResponse.model_validate({"pools": [s.as_json() for s in statuses]})
-
-    return router
-
-
 def create_app(
-    scheduler: Scheduler, *, token: str, metrics: SchedulerMetrics | None = None
+    scheduler: Scheduler,
+    *,
+    token: str,
+    metrics: SchedulerMetrics | None = None,
+    resolver: TokenResolver | None = None,
 ) -> FastAPI:
-    """The scheduler's ASGI app; ``token`` is the service token every /v1 call must send."""
+    """The scheduler's ASGI app.
+
+    ``token`` is the service token; ``resolver`` (optional) resolves users' hub tokens.
+    ``metrics``, when given, replaces the scheduler's own (one registry per app).
+    """
     if not token:
         raise ValueError("the service token must not be empty")
-    metrics = metrics or SchedulerMetrics()
+    if metrics is not None:
+        scheduler.metrics = metrics
     app = FastAPI(
         title="kernelfleet scheduler",
         version="1",
-        description="Admission, leases and pools of kernelfleet. /v1 needs "
-        "'Authorization: token <secrets/scheduler_token>'. Errors: {error, message}.",
+        description="Admission, fair queues, leases, activity and usage of kernelfleet. /v1 "
+        "needs 'Authorization: token <secrets/scheduler_token>' (or, for a user's own usage "
+        "and queue position, their JupyterHub API token). Errors: {error, message}.",
     )
     _install_error_handlers(app)
-    app.include_router(_v1_router(scheduler, metrics))
+    app.include_router(v1_router(scheduler), responses=_ERRORS)
 
     @app.get("/healthz", response_model=models.HealthResponse, responses={503: _ERRORS[503]})
     async def healthz() -> models.HealthResponse:
@@ -199,9 +174,9 @@ def create_app(
 
     @app.get("/metrics", response_class=Response)
     async def prometheus() -> Response:
-        """Prometheus text; lease and pool gauges are read from Redis on each scrape."""
-        await metrics.refresh(scheduler)
-        return Response(metrics.render(), media_type=CONTENT_TYPE)
+        """Prometheus text; lease, pool and queue gauges are read from Redis on each scrape."""
+        await scheduler.metrics.refresh(scheduler)
+        return Response(scheduler.metrics.render(), media_type=CONTENT_TYPE)
 
-    app.add_middleware(TokenAuth, token=token)
+    app.add_middleware(CallerAuth, token=token, resolver=resolver)
     return app

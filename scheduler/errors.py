@@ -78,3 +78,55 @@ class RedisUnavailable(SchedulerError):
     status = 503
     code = "redis_unavailable"
     retryable = True
+
+
+class Forbidden(SchedulerError):
+    """The caller is authenticated but may not see or do this."""
+
+    status = 403
+    code = "forbidden"
+
+
+class QueueTimedOut(SchedulerError):
+    """A request waited in a pool's queue until its deadline without getting in."""
+
+    status = 409
+    code = "queue_timeout"
+    retryable = True
+
+
+class QueueLeft(SchedulerError):
+    """A request left the queue because its client withdrew it or stopped asking."""
+
+    status = 410
+    code = "queue_left"
+
+
+class UnknownAdmission(SchedulerError):
+    """No lease and no queue entry exist for the kernel id."""
+
+    status = 404
+    code = "unknown_admission"
+
+
+class HubUnavailable(SchedulerError):
+    """JupyterHub's API could not verify a user's token."""
+
+    status = 503
+    code = "hub_unavailable"
+    retryable = True
+
+
+class GatewayUnavailable(SchedulerError):
+    """Enterprise Gateway could not be asked (reconciliation, evictions)."""
+
+    status = 503
+    code = "gateway_unavailable"
+    retryable = True
+
+
+class UnknownLease(SchedulerError):
+    """No live lease exists for the kernel id."""
+
+    status = 404
+    code = "unknown_lease"

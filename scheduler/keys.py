@@ -33,6 +33,9 @@ key                                         type    content
 ``kf:queue:seen``                           zset    waiting kernel_id by its client's last poll
 ``kf:reconcile:missing``                    zset    leased kernel_id EG does not run, by first seen
 ``kf:reconcile:orphans``                    zset    kernel_id EG runs unleased, by first seen
+``kf:evict:warned``                         hash    kernel_id -> JSON of the eviction warning sent
+``kf:evict:notes``                          hash    user -> JSON note for their next kernel start
+``kf:evictions``                            list    JSON eviction records, newest first (capped)
 ``kf:lock:{name}``                          string  holder of a loop's lock (with expiry)
 ``kf:start-failure:{kernel_id}``            hash    why a kernel pod did not start (kubernetes; TTL)
 ==========================================  ======  ============================================
@@ -51,6 +54,9 @@ QUEUE_DEADLINES = f"{PREFIX}:queue:deadlines"
 QUEUE_SEEN = f"{PREFIX}:queue:seen"
 RECONCILE_MISSING = f"{PREFIX}:reconcile:missing"
 RECONCILE_ORPHANS = f"{PREFIX}:reconcile:orphans"
+EVICT_WARNED = f"{PREFIX}:evict:warned"
+EVICT_NOTES = f"{PREFIX}:evict:notes"
+EVICTIONS = f"{PREFIX}:evictions"
 
 
 def _part(name: str) -> str:

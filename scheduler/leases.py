@@ -2,75 +2,43 @@
 
 A lease is the hash ``kf:lease:{kernel_id}`` (see :mod:`scheduler.keys`) with the fields
 kernel_id, user, kernelspec, pool, cpus, cpus_milli, memory, gpus, gpu_devices (comma
-separated device indexes), state, created and last_activity. It is indexed in
-``kf:leases`` (scored by created time), the owner's and the pool's lease sets.
-Admission creates it (:mod:`scheduler.admission`); release below deletes it and gives
-back the counters and GPU devices in one Lua script.
+separated device indexes), state, created, last_activity, connections, waited (seconds it
+queued) and gpu_seconds_limit (the owner's GPU-hour quota when admitted, -1 unlimited).
+It is indexed in ``kf:leases`` (scored by created time), the owner's and the pool's lease
+sets. Admission creates it (:mod:`scheduler.admission`), activity reports move its state
+(:mod:`scheduler.activity`), and release below deletes it, gives back the counters and GPU
+devices, accounts its GPU time and keeps a ``stopped`` copy for a while - one Lua script.
+
+States: ``starting`` (admitted, kernel launching) -> ``idle`` / ``busy`` (from the gateway's
+activity reports) -> ``stopped`` (released; listed for :data:`STOPPED_KEEP_S`).
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from typing import Literal
 
 from pydantic import BaseModel, Field
 from redis.asyncio import Redis
 
-from . import keys
+from . import keys, lua
 from .store import unavailable_as
 
 log = logging.getLogger(__name__)
 
-LeaseState = Literal["starting", "idle", "busy"]
-
-# KEYS: see keys.LeaseKeys.as_list(). ARGV: kernel_id, user, pool (as read just before).
-# Returns {'released'}, {'gone'} (no such lease) or {'moved'} (owner/pool changed since
-# the caller read them: read again and retry).
-RELEASE_LUA = """
-local lease = redis.call('HMGET', KEYS[1], 'user', 'pool', 'cpus_milli', 'memory', 'gpus',
-                         'gpu_devices', 'state')
-if not lease[1] then
-  return {'gone'}
-end
-if lease[1] ~= ARGV[2] or lease[2] ~= ARGV[3] then
-  return {'moved'}
-end
-local kid = ARGV[1]
-redis.call('DEL', KEYS[1])
-redis.call('ZREM', KEYS[2], kid)
-redis.call('SREM', KEYS[3], kid)
-redis.call('SREM', KEYS[5], kid)
-local amounts = {kernels = 1, cpus_milli = tonumber(lease[3]) or 0,
-                 memory = tonumber(lease[4]) or 0, gpus = tonumber(lease[5]) or 0}
-for field, amount in pairs(amounts) do
-  if amount ~= 0 then
-    -- '%d': Redis rejects '-0' and exponent notation as integers
-    local delta = string.format('%d', -amount)
-    redis.call('HINCRBY', KEYS[4], field, delta)
-    redis.call('HINCRBY', KEYS[6], field, delta)
-  end
-end
-if (tonumber(redis.call('HGET', KEYS[4], 'kernels')) or 0) <= 0 then
-  redis.call('DEL', KEYS[4])
-end
-redis.call('HINCRBY', KEYS[7], lease[7] or 'starting', -1)
-local devices = tonumber(redis.call('HGET', KEYS[10], 'gpu_devices') or '0') or 0
-for device in string.gmatch(lease[6] or '', '[^,]+') do
-  if redis.call('HGET', KEYS[9], device) == kid then
-    redis.call('HDEL', KEYS[9], device)
-    if tonumber(device) < devices then
-      redis.call('SADD', KEYS[8], device)
-    end
-  end
-end
-return {'released'}
-"""
-
+LeaseState = Literal["starting", "idle", "busy", "stopped"]
+LIVE_STATES: tuple[str, ...] = ("starting", "idle", "busy")
+#: Seconds a stopped lease stays listed (``GET /v1/leases?state=stopped``).
+STOPPED_KEEP_S = 3600
+#: The rolling window of GPU-hour quotas.
+GPU_WINDOW_S = 24 * 3600
 _MAX_RELEASE_TRIES = 3
 
 
 class Lease(BaseModel):
-    """One running (or starting) kernel holding resources in a pool (docs/contracts.md)."""
+    """One running (or starting, or recently stopped) kernel and what it holds in its pool."""
 
     kernel_id: str
     user: str
@@ -83,11 +51,18 @@ class Lease(BaseModel):
     state: LeaseState
     created: float = Field(description="unix seconds")
     last_activity: float = Field(description="unix seconds")
+    connections: int = Field(0, description="open channels websockets (from the gateway)")
+    waited: float = Field(0.0, description="seconds the admission waited in the pool's queue")
+    stopped: float | None = Field(None, description="unix seconds; only for stopped leases")
+    stop_reason: str | None = Field(
+        None, description="released, died, reconciled, gpu_hours_exhausted (stopped leases)"
+    )
 
     @classmethod
     def from_redis(cls, fields: dict[str, str]) -> Lease:
         """A lease from its Redis hash."""
         devices = fields.get("gpu_devices", "")
+        stopped = fields.get("stopped")
         return cls(
             kernel_id=fields["kernel_id"],
             user=fields["user"],
@@ -100,61 +75,89 @@ class Lease(BaseModel):
             state=fields.get("state", "starting"),  # type: ignore[arg-type]
             created=float(fields["created"]),
             last_activity=float(fields.get("last_activity", fields["created"])),
+            connections=int(fields.get("connections", 0)),
+            waited=float(fields.get("waited", 0)),
+            stopped=float(stopped) if stopped else None,
+            stop_reason=fields.get("stop_reason"),
         )
 
 
 class LeaseStore:
-    """Reads, lists and releases leases in Redis."""
+    """Reads, lists and releases leases in Redis. ``clock`` gives unix seconds."""
 
-    def __init__(self, redis: Redis, *, location: str) -> None:
+    def __init__(
+        self, redis: Redis, *, location: str, clock: Callable[[], float] = time.time
+    ) -> None:
         self._redis = redis
         self._location = location
-        self._release = redis.register_script(RELEASE_LUA)
+        self._clock = clock
+        self._release = redis.register_script(lua.RELEASE)
 
     async def get(self, kernel_id: str) -> Lease | None:
-        """The lease of ``kernel_id``, or None."""
+        """The live lease of ``kernel_id``, or None."""
         with unavailable_as(self._location):
             fields = await self._redis.hgetall(keys.lease(kernel_id))
         return Lease.from_redis(fields) if fields else None
 
-    async def release(self, kernel_id: str) -> bool:
-        """Delete the lease and give back what it held; False if there was none.
+    async def release(self, kernel_id: str, *, reason: str = "released") -> Lease | None:
+        """Delete the lease and give back what it held; the released lease, or None.
 
         The owner and pool decide which keys the script touches, so they are read first;
         the script checks they did not change in between and the read is retried if so.
         """
         with unavailable_as(self._location):
             for _ in range(_MAX_RELEASE_TRIES):
-                user, pool = await self._redis.hmget(keys.lease(kernel_id), ["user", "pool"])
-                if user is None or pool is None:
-                    return False
-                lease_keys = keys.LeaseKeys.for_lease(kernel_id, user=user, pool=pool)
-                reply = await self._release(keys=lease_keys.as_list(), args=[kernel_id, user, pool])
-                if reply[0] != "moved":
-                    released = reply[0] == "released"
-                    if released:
-                        log.info("released kernel %s of %s in pool %s", kernel_id, user, pool)
-                    return released
-        return False
+                fields = await self._redis.hgetall(keys.lease(kernel_id))
+                if not fields:
+                    return None
+                user, pool = fields["user"], fields["pool"]
+                script_keys = keys.ScriptKeys.for_kernel(kernel_id, user=user, pool=pool)
+                now = round(self._clock(), 3)
+                args = [kernel_id, user, pool, repr(now), reason, STOPPED_KEEP_S, GPU_WINDOW_S]
+                reply = await self._release(keys=script_keys.as_list(), args=args)
+                if reply[0] == "gone":
+                    return None
+                if reply[0] == "released":
+                    log.info("released kernel %s of %s in pool %s (%s)",
+                             kernel_id, user, pool, reason)  # fmt: skip
+                    return Lease.from_redis(fields)
+        return None
 
     async def list(
-        self, *, user: str | None = None, pool: str | None = None, kernelspec: str | None = None
+        self,
+        *,
+        user: str | None = None,
+        pool: str | None = None,
+        kernelspec: str | None = None,
+        state: str | None = None,
     ) -> list[Lease]:
-        """Leases oldest first, filtered by owner, pool and kernelspec (all optional).
+        """Leases oldest first, filtered by owner, pool, kernelspec and state (all optional).
 
-        Uses the per-user and per-pool sets (or the created-time index) - never a scan.
+        Live leases come from the per-user and per-pool sets (or the created-time index);
+        ``state="stopped"`` lists those stopped within :data:`STOPPED_KEEP_S` - never a scan.
         """
         with unavailable_as(self._location):
-            kernel_ids = await self._candidate_ids(user=user, pool=pool)
+            if state == "stopped":
+                kernel_ids = list(await self._redis.zrange(keys.STOPPED, 0, -1))
+                key_of = keys.stopped
+            else:
+                kernel_ids = await self._candidate_ids(user=user, pool=pool)
+                key_of = keys.lease
             if not kernel_ids:
                 return []
             pipe = self._redis.pipeline(transaction=False)
             for kernel_id in kernel_ids:
-                pipe.hgetall(keys.lease(kernel_id))
+                pipe.hgetall(key_of(kernel_id))
             rows = await pipe.execute()
         leases = [Lease.from_redis(row) for row in rows if row]
-        if kernelspec is not None:
-            leases = [lease for lease in leases if lease.kernelspec == kernelspec]
+        leases = [
+            lease
+            for lease in leases
+            if (user is None or lease.user == user)
+            and (pool is None or lease.pool == pool)
+            and (kernelspec is None or lease.kernelspec == kernelspec)
+            and (state is None or lease.state == state)
+        ]
         return sorted(leases, key=lambda lease: (lease.created, lease.kernel_id))
 
     async def _candidate_ids(self, *, user: str | None, pool: str | None) -> list[str]:

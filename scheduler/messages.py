@@ -28,12 +28,46 @@ def _or_pick(alternative: str | None) -> str:
     return f", or pick {alternative}" if alternative else ""
 
 
-def kernels_quota(*, used: int, limit: int) -> str:
-    """The user runs as many kernels as their quota allows."""
+def ordinal(n: int) -> str:
+    """1 -> "1st", 2 -> "2nd", 11 -> "11th", 23 -> "23rd"."""
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
+def hours(seconds: float) -> str:
+    """Seconds as hours with at most one decimal (5400 -> "1.5")."""
+    return number(round(seconds / 3600, 1))
+
+
+def kernels_quota(*, used: int, limit: int, queued: int = 0) -> str:
+    """The user runs (or waits for) as many kernels as their quota allows."""
     if limit <= 0:
         return "Your quota allows no kernels. Ask an admin to raise it."
+    if queued:
+        return (
+            f"You already have {used} of {limit} kernels running and {queued} waiting for a "
+            "pool. Shut one down from the Running panel, or wait."
+        )
     return (
         f"You already have {used} of {limit} kernels running. Shut one down from the Running panel."
+    )
+
+
+def gpu_hours_quota(*, used_s: float, limit_s: float, alternative: str | None) -> str:
+    """The user used up their GPU-hours of the last 24 hours."""
+    if limit_s <= 0:
+        return "GPU-hour quota: your quota allows no GPU time. Pick a CPU kernel, or ask an admin."
+    return (
+        f"GPU-hour quota: you used {hours(used_s)} of {hours(limit_s)} GPU-hours in the last "
+        f"24 hours. Try again later{_or_pick(alternative)}."
+    )
+
+
+def gpu_hours_evicted(*, used_s: float, limit_s: float) -> str:
+    """Why a running GPU kernel was stopped (for the log and the lease's stop reason)."""
+    return (
+        f"GPU-hour quota: {hours(used_s)} of {hours(limit_s)} GPU-hours used in the last "
+        "24 hours; GPU kernels stopped."
     )
 
 
@@ -101,6 +135,71 @@ def pool_memory_full(*, pool: str, used: int, capacity: int, need: int, kernelsp
         f"{kernelspec} needs {memory(need)}. Try again later, or shut down a kernel you "
         "no longer use."
     )
+
+
+def never_fits(*, kernelspec: str, pool: str, resource: str, need: float, capacity: float) -> str:
+    """The kernelspec needs more CPUs or memory than the whole pool has."""
+    if resource == "memory":
+        amounts = f"{memory(int(need))} of memory but pool {pool} has {memory(int(capacity))}"
+    else:
+        amounts = f"{number(need)} CPUs but pool {pool} has {number(capacity)}"
+    return (
+        f"{kernelspec} needs {amounts}. An admin can check the pool in kernelfleet.yaml "
+        "or the kernelspec's resources."
+    )
+
+
+def pool_queue_busy(*, pool: str, waiting: int, alternative: str | None) -> str:
+    """Others already wait for the pool, and this request did not ask to wait."""
+    requests = "request is" if waiting == 1 else "requests are"
+    return (
+        f"{waiting} {requests} already waiting for pool {pool}. "
+        f"Try again later{_or_pick(alternative)}."
+    )
+
+
+def queued(*, pool: str, position: int) -> str:
+    """Where a waiting request stands."""
+    return f"Waiting for pool {pool}: you are {ordinal(position)} in line."
+
+
+def queue_timeout(
+    *,
+    pool: str,
+    gpus_total: int,
+    gpus_free: int,
+    need_gpus: int,
+    position: int,
+    alternative: str | None,
+) -> str:
+    """A request waited as long as it may and the pool still had no room for it."""
+    if need_gpus and gpus_free == 0:
+        head = f"All {gpus_total} GPUs are in use"
+    elif need_gpus and gpus_free < need_gpus:
+        head = f"Only {gpus_free} of {gpus_total} GPUs are free"
+    else:
+        head = f"Pool {pool} is full"
+    where = f"you were {ordinal(position)} in line" if position else "you were in line"
+    action = f"Try again, or pick {alternative}." if alternative else "Try again later."
+    return f"{head}; {where}. {action}"
+
+
+def queue_left(*, pool: str) -> str:
+    """A waiting request was withdrawn (its client gave up or stopped asking)."""
+    return f"This request left the queue of pool {pool}: its client gave up waiting."
+
+
+def unknown_admission(kernel_id: str) -> str:
+    """No lease and no queue entry for this kernel id."""
+    return (
+        f"No admission for kernel {kernel_id}: it is neither admitted nor waiting "
+        "(it may have left the queue long ago)."
+    )
+
+
+def released_since(kernel_id: str) -> str:
+    """The request was admitted from its queue, and its lease has ended since."""
+    return f"Kernel {kernel_id} was admitted from the queue and has been released since."
 
 
 def unknown_kernelspec(name: str, known: list[str]) -> str:

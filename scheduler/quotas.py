@@ -42,7 +42,8 @@ def effective_quota(quotas: Quotas, user: str, groups: Iterable[str]) -> Quota:
        ``null`` there explicitly makes it unlimited for that user);
     2. else, among the user's groups that have an entry in ``quotas.groups`` and set the
        field, the most generous value applies (unlimited beats any number, otherwise the
-       largest), so joining a group can only raise a limit;
+       largest) - even when it is below the default, so a group can also lower a limit;
+       joining one more group never lowers a limit that the user's other groups set;
     3. else ``quotas.default`` applies (its unset fields are unlimited).
 
     "Sets the field" means the field is written in kernelfleet.yaml, so ``groups: {ml:

@@ -72,9 +72,19 @@ def start_stack(config_path: Path, *, timeout: float = 240) -> Stack:
     """Run `kernelfleet up` and wait for its ready line (or fail with its output)."""
     raw = yaml.safe_load(config_path.read_text())
     process = subprocess.Popen(
-        [sys.executable, "-m", "kernelfleet.cli", "--config", str(config_path), "up",
-         "--skip-install"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+        [
+            sys.executable,
+            "-m",
+            "kernelfleet.cli",
+            "--config",
+            str(config_path),
+            "up",
+            "--skip-install",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=REPO,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     output: list[str] = []
@@ -97,8 +107,9 @@ def start_stack(config_path: Path, *, timeout: float = 240) -> Stack:
     logins = dict(
         line.split(" ", 1) for line in (state_dir / "demo-logins.txt").read_text().splitlines()
     )
-    return Stack(config_path, state_dir, raw.get("host", "127.0.0.1"), raw["ports"], logins,
-                 process, output)
+    return Stack(
+        config_path, state_dir, raw.get("host", "127.0.0.1"), raw["ports"], logins, process, output
+    )
 
 
 def stop_stack_process(process: subprocess.Popen[str], timeout: float = 30) -> None:
@@ -126,12 +137,19 @@ class HubUser:
         """Submit the login form as a browser does; returns the final response."""
         page = await self.http.get("/hub/login")
         xsrf = self.http.cookies.get("_xsrf", path="/hub/")
-        return await self.http.post(
-            "/hub/login",
-            data={"username": self.name, "password": password or self.stack.logins[self.name],
-                  "_xsrf": xsrf or ""},
-            follow_redirects=True,
-        ) if page.status_code == 200 else page
+        return (
+            await self.http.post(
+                "/hub/login",
+                data={
+                    "username": self.name,
+                    "password": password or self.stack.logins[self.name],
+                    "_xsrf": xsrf or "",
+                },
+                follow_redirects=True,
+            )
+            if page.status_code == 200
+            else page
+        )
 
     @property
     def server(self) -> str:
@@ -170,20 +188,25 @@ class HubUser:
     async def start_kernel(self, name: str) -> httpx.Response:
         return await self.api("POST", "/kernels", json={"name": name})
 
-    def channels(self, kernel_id: str) -> websockets.connect:
-        """A channels websocket to one kernel through hub proxy and notebook server."""
+    def channels(self, kernel_id: str, **kwargs: Any) -> websockets.connect:
+        """A channels websocket to one kernel through hub proxy and notebook server;
+        ``kwargs`` go to ``websockets.connect`` (e.g. ``subprotocols``)."""
         session = uuid.uuid4().hex
-        url = (f"ws://{self.stack.host}:{self.stack.ports['hub']}{self.server}"
-               f"/api/kernels/{kernel_id}/channels?session_id={session}")
+        url = (
+            f"ws://{self.stack.host}:{self.stack.ports['hub']}{self.server}"
+            f"/api/kernels/{kernel_id}/channels?session_id={session}"
+        )
         cookie = "; ".join(f"{c.name}={c.value}" for c in self.http.cookies.jar)
-        return websockets.connect(url, additional_headers={"Cookie": cookie},
-                                  max_size=None, open_timeout=60)
+        return websockets.connect(
+            url, additional_headers={"Cookie": cookie}, max_size=None, open_timeout=60, **kwargs
+        )
 
     async def hub_token(self) -> str:
         """A personal hub API token, as a user makes one on the token page."""
         xsrf = self.http.cookies.get("_xsrf", path="/hub/")
         response = await self.http.post(
-            f"/hub/api/users/{self.name}/tokens", json={"note": "e2e"},
+            f"/hub/api/users/{self.name}/tokens",
+            json={"note": "e2e"},
             headers={"X-XSRFToken": xsrf or ""},
         )
         response.raise_for_status()

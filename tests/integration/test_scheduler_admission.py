@@ -81,8 +81,8 @@ async def test_admits_until_kernel_quota_then_refuses_with_exact_message(schedul
         "You already have 3 of 3 kernels running. Shut one down from the Running panel."
     )
     assert refused.value.status == 403 and refused.value.code == "quota_exceeded"
-    assert await scheduler.leases.release(admitted[0].lease.kernel_id) is True
-    assert await scheduler.leases.release(admitted[0].lease.kernel_id) is False
+    assert await scheduler.release(admitted[0].lease.kernel_id) is True
+    assert await scheduler.release(admitted[0].lease.kernel_id) is False
     await _admit(scheduler, "alice", "python-cpu")  # the freed slot is usable again
     await _admit(scheduler, "bob", "python-cpu")  # quotas are per user
 
@@ -112,7 +112,7 @@ async def test_gpu_devices_are_distinct_and_freed(scheduler):
     assert full.value.message == (
         "All 4 GPUs in pool gpu are in use. Try again later, or pick python-cpu."
     )
-    await scheduler.leases.release(second.lease.kernel_id)
+    await scheduler.release(second.lease.kernel_id)
     again = await _admit(scheduler, "frank", "python-gpu-2", groups=["ml"])
     assert sorted(again.lease.gpu_devices) == sorted(second.lease.gpu_devices)
 
@@ -207,7 +207,7 @@ async def test_200_concurrent_admissions_never_overcommit(scheduler):
     assert by_pool == {"cpu": 40, "gpu": 4}
 
     ids = [r for r in results if r is not None]
-    released = await asyncio.gather(*(scheduler.leases.release(i) for i in ids + ids))
+    released = await asyncio.gather(*(scheduler.release(i) for i in ids + ids))
     assert sum(released) == len(ids)
     assert await _check_consistent(scheduler) == []
     assert await scheduler.redis.hgetall(keys.pool_usage("cpu")) == {

@@ -99,7 +99,8 @@ async def test_admit_refuse_release_over_http(client: httpx.AsyncClient) -> None
         lease = body["lease"]
         assert set(lease) == {
             "kernel_id", "user", "kernelspec", "pool", "cpus", "memory", "gpus",
-            "gpu_devices", "state", "created", "last_activity",
+            "gpu_devices", "state", "created", "last_activity", "connections", "waited",
+            "stopped", "stop_reason",
         }  # fmt: skip
         assert (lease["pool"], lease["memory"], lease["state"]) == ("cpu", 2 * GIB, "starting")
         ids.append(lease["kernel_id"])
