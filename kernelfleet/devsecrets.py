@@ -65,6 +65,11 @@ def ensure_demo_logins(config: PlatformConfig) -> None:
         write_password_file(config.state_dir / "passwords.json", logins)
 
 
+def audit_log_path(config: PlatformConfig) -> Path:
+    """The gateway's audit chain (``kernelfleet audit`` reads it): <state_dir>/audit/audit.jsonl."""
+    return config.state_dir / "audit" / "audit.jsonl"
+
+
 def write_gateway_config(config: PlatformConfig) -> Path:
     """The traitlets config file Enterprise Gateway starts with (no secrets inside)."""
     path = config.state_dir / "gateway_config.py"
@@ -78,6 +83,10 @@ c.KernelfleetGatewayApp.scheduler_url = "http://{config.host}:{config.ports.sche
 c.KernelfleetGatewayApp.scheduler_token_file = {str(secret_path(config, "scheduler_token"))!r}
 c.KernelfleetGatewayApp.admin_token_file = {str(secret_path(config, "gateway_service_token"))!r}
 c.KernelfleetGatewayApp.kernel_home_root = {str(homes)!r}
+# Audit trail and kernelspec secrets (docs/compliance.md); secrets.yaml must be mode 0600.
+c.KernelfleetGatewayApp.audit_log_path = {str(audit_log_path(config))!r}
+c.KernelfleetGatewayApp.secrets_provider = "file"
+c.KernelfleetGatewayApp.secrets_file = {str(config.state_dir / "secrets.yaml")!r}
 # Kernels get a clean environment plus these (stock EG passes none: no PATH, no locale).
 c.KernelfleetGatewayApp.inherited_envs = ["PATH", "LANG", "LC_ALL", "TZ"]
 """

@@ -18,13 +18,19 @@ from pathlib import Path
 from typing import Any
 
 from enterprise_gateway.enterprisegatewayapp import EnterpriseGatewayApp
+from tornado import ioloop
 from traitlets import Float, TraitError, Type, Unicode, default, validate
 
 from .auth import RESOLVER_SETTING, log_request
 from .channels import STALE_TIMEOUT_SETTING
+from .compliance_config import ComplianceConfigError, ComplianceSettings
+from .eviction_notice import notice_handlers
+from .fastdates import install_fast_dates
 from .handlers import kernelfleet_handlers
 from .identity import HubIdentityResolver
 from .manager import KernelfleetMappingKernelManager
+from .metrics import metrics_handlers
+from .redaction import install_redaction
 from .scheduler import NoScheduler, Scheduler, SchedulerClient
 
 
@@ -32,13 +38,14 @@ class StartupError(Exception):
     """A configuration problem found at start-up: which setting, and why."""
 
 
-class KernelfleetGatewayApp(EnterpriseGatewayApp):
+class KernelfleetGatewayApp(ComplianceSettings, EnterpriseGatewayApp):
     """Enterprise Gateway with hub identities, owned kernels, curated kernelspecs and admission.
 
     Every request is authenticated with the caller's JupyterHub API token (no shared EG
     token); each kernel belongs to the user who started it, starts only after the scheduler
     admits it, runs with ``HOME`` and working dir ``<kernel_home_root>/<user>``, and has its
-    lease released when it ends.
+    lease released when it ends. Kernels get their kernelspec's secrets, and every start,
+    stop and execution goes into the audit trail (compliance_config.py has those settings).
     """
 
     name = "kernelfleet-gateway"
@@ -143,10 +150,12 @@ class KernelfleetGatewayApp(EnterpriseGatewayApp):
 
     def init_configurables(self) -> None:
         """EG's configurables, then kernelfleet's identity resolver and scheduler client."""
+        install_fast_dates()  # jupyter_client 6 parses message dates slowly (fastdates.py)
         try:
             admin_token = _read_secret(self.admin_token_file, "admin_token_file")
             self.scheduler = self._make_scheduler()
-        except StartupError as e:
+            compliance = self.build_compliance()
+        except (StartupError, ComplianceConfigError) as e:
             self.log.critical("%s", e)
             self.exit(1)
         super().init_configurables()
@@ -159,6 +168,7 @@ class KernelfleetGatewayApp(EnterpriseGatewayApp):
         self.kernel_manager.attach(
             scheduler=self.scheduler, kernel_home_root=os.path.abspath(self.kernel_home_root)
         )
+        self.kernel_manager.compliance = compliance
         self.log.info(
             "kernelfleet: identities from %s, scheduler %s, homes under %s",
             self.hub_api_url,
@@ -175,8 +185,12 @@ class KernelfleetGatewayApp(EnterpriseGatewayApp):
         return SchedulerClient(self.scheduler_url, token, timeout_s=self.scheduler_timeout)
 
     def _create_request_handlers(self) -> list[tuple]:
-        """EG's handlers, each wrapped with hub authentication and kernelfleet's rules."""
-        return kernelfleet_handlers(super()._create_request_handlers())
+        """``/metrics``, then EG's handlers wrapped with hub authentication and kernelfleet's rules.
+
+        ``/metrics`` goes first: EG's table ends with a catch-all that would answer it.
+        """
+        wrapped = kernelfleet_handlers(super()._create_request_handlers())
+        return metrics_handlers(self.base_url) + notice_handlers(self.base_url) + wrapped
 
     def init_webapp(self) -> None:
         """EG's web app, without its shared token, with kernelfleet's settings."""
@@ -188,18 +202,30 @@ class KernelfleetGatewayApp(EnterpriseGatewayApp):
         settings[RESOLVER_SETTING] = self.identity_resolver
         settings[STALE_TIMEOUT_SETTING] = self.stale_connection_timeout
         settings["log_function"] = log_request
+        # After EG's enable_pretty_logging(): every handler by now scrubs secret values.
+        install_redaction(self.kernel_manager.compliance.values, [self.log])
+        # traitlets leaves the app logger at DEBUG and filters in the handler: every debug
+        # call (jupyter_server logs one per kernel message) built a record to drop it.
+        self.log.setLevel(self.log_level)
         if self.log_level > logging.DEBUG:
             # httpx logs every request at INFO: one line per hub/scheduler call is noise.
             logging.getLogger("httpx").setLevel(logging.WARNING)
 
+    def start(self) -> None:
+        """Serve; the audit trail's first record from this process marks the start."""
+        ioloop.IOLoop.current().add_callback(self.kernel_manager.compliance.trail.gateway_started)
+        super().start()
+
     def shutdown(self) -> None:
         """Shut kernels down (releasing their leases), then close kernelfleet's HTTP clients."""
+        self.kernel_manager.compliance.shutting_down = True
         super().shutdown()
         loop = asyncio.get_event_loop()
         loop.run_until_complete(self._close_clients())
 
     async def _close_clients(self) -> None:
         await self.kernel_manager.wait_for_releases()
+        await self.kernel_manager.compliance.aclose()
         await self.scheduler.aclose()
         await self.identity_resolver.aclose()
 

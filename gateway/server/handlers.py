@@ -21,6 +21,7 @@ from jupyter_server.services.kernelspecs.handlers import kernelspec_model
 from jupyter_server.utils import ensure_async, url_escape, url_path_join, url_unescape
 from tornado import web
 
+from .audit_channels import AuditChannelsMixin
 from .auth import HubAuthMixin
 from .channels import ChannelsMixin
 from .errors import GatewayError
@@ -86,6 +87,8 @@ class KernelCollectionMixin(KernelAccessMixin):
             kernel_name=name,
             env=self._build_kernel_env(kept),  # type: ignore[attr-defined]
             kernel_headers=self._build_kernel_headers(),  # type: ignore[attr-defined]
+            # a queued start whose client gave up leaves the queue
+            client_gone=lambda: self.request.connection.stream.closed(),  # type: ignore[attr-defined]
         )
         location = url_path_join(self.base_url, "api", "kernels", url_escape(kernel_id))
         self.set_header("Location", location)  # type: ignore[attr-defined]
@@ -103,6 +106,7 @@ class KernelResourceMixin(KernelAccessMixin):
 
     async def delete(self, kernel_id: str) -> None:
         self.require_kernel_access(kernel_id)
+        self.kernel_manager.compliance.note_stop_request(kernel_id, self.identity)
         await self.kernel_manager.shutdown_kernel(kernel_id)
         self.set_status(204)  # type: ignore[attr-defined]
         self.finish()  # type: ignore[attr-defined]
@@ -133,8 +137,8 @@ class KernelActionMixin(KernelAccessMixin):
         self.finish(json.dumps(km.kernel_model(kernel_id), default=date_default))  # type: ignore[attr-defined]
 
 
-class ChannelsAccessMixin(KernelAccessMixin, ChannelsMixin):
-    """The channels websocket (see ``channels.ChannelsMixin``)."""
+class ChannelsAccessMixin(KernelAccessMixin, AuditChannelsMixin, ChannelsMixin):
+    """The channels websocket (see ``channels.ChannelsMixin``, ``audit_channels``)."""
 
 
 class KernelSpecListMixin:

@@ -8,6 +8,9 @@
   admission's env, launches in the owner's home, and releases the lease if the launch fails;
 - every way a kernel ends (DELETE, culling, shutdown at exit, the restarter giving up)
   releases its lease exactly once;
+- a full pool makes the start wait in the scheduler's queue (bounded by the kernel launch
+  timeout); its kernels' activity (state, last activity, connections) goes to the scheduler
+  in batches (:mod:`gateway.server.activity`), a death at once;
 - it records owners in memory (a restarted gateway forgets them; so does EG's kernel map).
 
 :class:`KernelfleetKernelManager` (one per kernel) applies the pinned env last, after the
@@ -19,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from enterprise_gateway.services.kernels.remotemanager import (
@@ -27,11 +31,17 @@ from enterprise_gateway.services.kernels.remotemanager import (
 )
 from jupyter_client.kernelspec import NoSuchKernel
 from tornado import web
+from traitlets import Bool, Float
 
+from .activity import ActivityReporter, KernelActivity
+from .activity_watch import LightActivityWatchMixin
+from .compliance import Compliance, audited_start
 from .errors import GatewayError
 from .identity import Identity
 from .policy import USERNAME_VAR, check_may_start, home_for, scheduler_kernelspec_name
 from .scheduler import NoScheduler, Scheduler
+
+DEFAULT_LAUNCH_TIMEOUT_S = 30.0  # EG's own default (EG_KERNEL_LAUNCH_TIMEOUT)
 
 
 class KernelfleetKernelManager(RemoteKernelManager):
@@ -40,19 +50,33 @@ class KernelfleetKernelManager(RemoteKernelManager):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.pinned_env: dict[str, str] = {}
+        self.secret_env: dict[str, str] = {}  # this kernel's secrets; pinned_env wins
 
     def _capture_user_overrides(self, **kwargs: Any) -> None:
         # EG applies user_overrides after the kernelspec env, right before launching.
         super()._capture_user_overrides(**kwargs)
+        self.user_overrides.update(self.secret_env)
         self.user_overrides.update(self.pinned_env)
 
 
-class KernelfleetMappingKernelManager(RemoteMappingKernelManager):
+class KernelfleetMappingKernelManager(LightActivityWatchMixin, RemoteMappingKernelManager):
     """EG's kernel map with owners, admissions and lease releases (see module docstring).
 
     The app calls :meth:`attach` once before serving. Handlers call
     :meth:`start_kernel_for`, :meth:`may_access` and :meth:`owner_of`.
     """
+
+    activity_interval = Float(
+        1.0,
+        help="""Seconds between batches of kernel activity (execution state, last activity,
+        connections) sent to the scheduler; deaths go at once. 0 sends none.""",
+    ).tag(config=True)
+
+    queue_admissions = Bool(
+        True,
+        help="""When a pool is full, wait in the scheduler's queue for room (up to the kernel
+        launch timeout: the client's KERNEL_LAUNCH_TIMEOUT, else EG's) instead of refusing.""",
+    ).tag(config=True)
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -60,6 +84,8 @@ class KernelfleetMappingKernelManager(RemoteMappingKernelManager):
         self.kernel_home_root = os.path.abspath(".kernelfleet/home")
         self._owners: dict[str, str] = {}
         self._releases: dict[str, asyncio.Future[None]] = {}
+        self.compliance = Compliance()  # the app sets the configured one (audit, secrets)
+        self.activity: ActivityReporter | None = None
 
     def _kernel_manager_class_default(self) -> str:
         return f"{KernelfleetKernelManager.__module__}.{KernelfleetKernelManager.__qualname__}"
@@ -83,6 +109,7 @@ class KernelfleetMappingKernelManager(RemoteMappingKernelManager):
 
     # -- start -------------------------------------------------------------------------------
 
+    @audited_start
     async def start_kernel_for(
         self,
         identity: Identity,
@@ -90,11 +117,13 @@ class KernelfleetMappingKernelManager(RemoteMappingKernelManager):
         kernel_name: str,
         env: dict[str, str],
         kernel_headers: dict[str, str] | None = None,
+        client_gone: Callable[[], bool] | None = None,
     ) -> str:
         """Start ``kernel_name`` for ``identity`` with the (already sanitised) client ``env``.
 
         Returns the kernel id. Raises GatewayError 404 (unknown or non-curated kernelspec),
-        403 (not for this user's groups, or quota) or the scheduler's refusal status.
+        403 (not for this user's groups, or quota) or the scheduler's refusal status. While
+        the admission waits for room, ``client_gone()`` true withdraws it.
         """
         spec = self._kernelspec_dict(kernel_name)
         check_may_start(identity, kernel_name, spec)
@@ -106,11 +135,15 @@ class KernelfleetMappingKernelManager(RemoteMappingKernelManager):
             groups=sorted(identity.groups),
             kernelspec=scheduler_kernelspec_name(kernel_name, spec or {}),
             admin=identity.admin,
+            wait_s=self._queue_wait_s(env),
+            client_gone=client_gone,
         )
+        self._start_activity()
         pinned = {**admitted_env, USERNAME_VAR: identity.name, "HOME": home}
         self._owners[kernel_id] = identity.name
         try:
             os.makedirs(home, mode=0o700, exist_ok=True)
+            await self.compliance.prepare_secrets(kernel_id, identity, kernel_name, spec)
             # EG's way to pick the id up front is KERNEL_ID in the env (a kernel_id argument
             # collides with its session bookkeeping).
             await self.start_kernel(
@@ -132,6 +165,18 @@ class KernelfleetMappingKernelManager(RemoteMappingKernelManager):
         self.log.info("Kernel %s (%s) started for %s", kernel_id, kernel_name, identity.name)
         return kernel_id
 
+    def _queue_wait_s(self, env: dict[str, str]) -> float:
+        """How long an admission may wait for room: the launch timeout, client's or EG's."""
+        if not self.queue_admissions:
+            return 0.0
+        for value in (env.get("KERNEL_LAUNCH_TIMEOUT"), os.environ.get("EG_KERNEL_LAUNCH_TIMEOUT")):
+            try:
+                if value:
+                    return max(0.0, float(value))
+            except ValueError:
+                pass  # not a number: the next source, or the default
+        return DEFAULT_LAUNCH_TIMEOUT_S
+
     async def _abandon(self, kernel_id: str) -> None:
         """After a failed start: stop whatever was launched and release the lease."""
         if kernel_id in self:
@@ -152,6 +197,7 @@ class KernelfleetMappingKernelManager(RemoteMappingKernelManager):
         pinned = kwargs.pop("pinned_env", {})
         km, kernel_name, kernel_id = super().pre_start_kernel(kernel_name, kwargs)
         km.pinned_env = dict(pinned)
+        km.secret_env = self.compliance.take_secret_env(kernel_id)
         return km, kernel_name, kernel_id
 
     # -- end ---------------------------------------------------------------------------------
@@ -169,6 +215,9 @@ class KernelfleetMappingKernelManager(RemoteMappingKernelManager):
     def _handle_kernel_died(self, kernel_id: str) -> None:
         """EG's restarter gave up on the kernel: drop it and release its lease."""
         super()._handle_kernel_died(kernel_id)
+        self.compliance.note_died(kernel_id)
+        if self.activity is not None:
+            self.activity.kernel_died(kernel_id)
         self._forget_soon(kernel_id)
 
     def _forget_soon(self, kernel_id: str) -> None:
@@ -181,9 +230,39 @@ class KernelfleetMappingKernelManager(RemoteMappingKernelManager):
         """Drop the owner and release the lease, once per kernel."""
         if self._owners.pop(kernel_id, None) is not None:
             await self.scheduler.release(kernel_id)
+            await self.compliance.ended(kernel_id)
 
     async def wait_for_releases(self) -> None:
-        """Wait for lease releases still in flight (at exit)."""
+        """Wait for lease releases still in flight (at exit), then send the last activity."""
         pending = list(self._releases.values())
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
+        if self.activity is not None:
+            await self.activity.stop()
+
+    # -- activity ----------------------------------------------------------------------------
+
+    def _start_activity(self) -> None:
+        """Start reporting kernel activity to the scheduler (once, in the running loop)."""
+        if self.activity is None and self.activity_interval > 0:
+            self.activity = ActivityReporter(
+                self._activity_snapshot, self.scheduler.report_activity,
+                interval_s=self.activity_interval,
+            )  # fmt: skip
+        if self.activity is not None:
+            self.activity.start()
+
+    def _activity_snapshot(self) -> dict[str, KernelActivity]:
+        """State, last activity (unix s) and connections of the kernels started here."""
+        snapshot = {}
+        for kernel_id in list(self._owners):
+            km = self._kernels.get(kernel_id)
+            if km is None:
+                continue  # still launching
+            last = getattr(km, "last_activity", None)
+            snapshot[kernel_id] = KernelActivity(
+                execution_state=str(getattr(km, "execution_state", "starting")),
+                last_activity=last.timestamp() if last is not None else None,
+                connections=int(self._kernel_connections.get(kernel_id, 0)),
+            )
+        return snapshot

@@ -1,12 +1,18 @@
 """The gateway's side of the scheduler API: admissions before a start, releases after a stop.
 
-Shapes are in docs/contracts.md. A refusal reaches the user verbatim: the scheduler's
-``message`` becomes the gateway's JSON ``message`` with the scheduler's status code.
+Shapes are in docs/contracts.md and docs/scheduler.md. A refusal reaches the user verbatim:
+the scheduler's ``message`` becomes the gateway's JSON ``message`` with the scheduler's
+status code. When a pool is full the admission waits in the pool's queue (``202``), polling
+``GET /v1/admissions/{id}`` until it is admitted, refused or timed out; a scheduler restart
+meanwhile is ridden out (the place is kept in Redis). A start whose client gave up (or was
+cancelled) withdraws its request, so it leaves the queue.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import httpx
@@ -19,19 +25,33 @@ SCHEDULER_UNREACHABLE = (
     "The kernelfleet scheduler is unreachable; kernels cannot start right now. "
     "Try again in a minute."
 )
+QUEUE_GAVE_UP = "The kernel waited for room in its pool too long. Try again later."
+CLIENT_GONE = "The kernel start was abandoned by its client while waiting for room."
+QUEUE_POLL_S = 10.0  # how long the scheduler may hold one poll while the request waits
+CLIENT_CHECK_S = 1.0  # poll slices when the client's connection is watched
+RETRY_S = 0.5  # pause before asking again when the scheduler did not answer
+QUEUE_GRACE_S = 5.0  # past the wait: the scheduler's own time-out answer says where it stood
+
+ClientGone = Callable[[], bool]
 
 
 class Scheduler(Protocol):
     """What the kernel manager needs from a scheduler."""
 
     async def admit(
-        self, *, kernel_id: str, user: str, groups: list[str], kernelspec: str
-    ) -> dict[str, str]:
-        """Admit a kernel start; return the env the kernel must get, or raise GatewayError."""
+        self, *, kernel_id: str, user: str, groups: list[str], kernelspec: str,
+        admin: bool = False, wait_s: float = 0.0, client_gone: ClientGone | None = None,
+    ) -> dict[str, str]:  # fmt: skip
+        """Admit a kernel start (waiting up to ``wait_s`` for room in a full pool); return
+        the env the kernel must get, or raise GatewayError."""
         ...
 
     async def release(self, kernel_id: str) -> None:
         """Release a kernel's lease; never raises."""
+        ...
+
+    async def report_activity(self, reports: list[dict[str, object]]) -> bool:
+        """Send a batch of kernel activity reports; whether it was accepted. Never raises."""
         ...
 
     async def aclose(self) -> None:
@@ -43,15 +63,22 @@ class NoScheduler:
     """Admits everything and releases nothing: for ``scheduler_url = ""`` (tests, demos)."""
 
     async def admit(
-        self, *, kernel_id: str, user: str, groups: list[str], kernelspec: str
-    ) -> dict[str, str]:
+        self, *, kernel_id: str, user: str, groups: list[str], kernelspec: str,
+        admin: bool = False, wait_s: float = 0.0, client_gone: ClientGone | None = None,
+    ) -> dict[str, str]:  # fmt: skip
         return {}
 
     async def release(self, kernel_id: str) -> None:
         return None
 
+    async def report_activity(self, reports: list[dict[str, object]]) -> bool:
+        return True
+
     async def aclose(self) -> None:
         return None
+
+
+KEEPALIVE_EXPIRY_S = 2.0
 
 
 class SchedulerClient:
@@ -66,27 +93,119 @@ class SchedulerClient:
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.url = url.rstrip("/")
+        self._timeout_s = timeout_s
+        self._activity_failing = False
         self._client = httpx.AsyncClient(
             timeout=timeout_s,
             transport=transport,
             headers={"Authorization": f"token {token}"},
+            # Drop idle connections well before the scheduler does (uvicorn: 5 s; raised to
+            # 30 s there): reusing one the server is closing fails with a ReadError.
+            limits=httpx.Limits(keepalive_expiry=KEEPALIVE_EXPIRY_S),
         )
 
     async def admit(
         self, *, kernel_id: str, user: str, groups: list[str], kernelspec: str,
-        admin: bool = False,
-    ) -> dict[str, str]:
-        """POST /v1/admissions; the admitted env, or a GatewayError carrying the refusal."""
-        body = {"kernel_id": kernel_id, "user": user, "groups": groups, "kernelspec": kernelspec,
-                "admin": admin}
+        admin: bool = False, wait_s: float = 0.0, client_gone: ClientGone | None = None,
+    ) -> dict[str, str]:  # fmt: skip
+        """POST /v1/admissions; the admitted env, or a GatewayError carrying the refusal.
+
+        With ``wait_s`` > 0 a full pool queues the request and this waits (bounded by
+        ``wait_s``) until it is admitted or refused; ``client_gone`` is asked while waiting
+        and, when it says so, the request is withdrawn.
+        """
+        body = {
+            "kernel_id": kernel_id,
+            "user": user,
+            "groups": groups,
+            "kernelspec": kernelspec,
+            "admin": admin,
+        }
+        params = {"wait_s": wait_s} if wait_s > 0 else None
         try:
-            response = await self._client.post(f"{self.url}/v1/admissions", json=body)
+            response = await self._client.post(
+                f"{self.url}/v1/admissions", json=body, params=params
+            )
         except httpx.HTTPError as e:
             raise _unreachable(f"POST /v1/admissions failed: {type(e).__name__}") from e
         answer = _json_or_none(response)
         if response.status_code in (200, 201) and answer and answer.get("decision") == "admitted":
             return _admitted_env(answer)
+        if response.status_code == 202 and answer and answer.get("decision") == "queued":
+            log.info("Kernel %s of %s waits for pool %s (position %s)", kernel_id, user,
+                     answer.get("pool"), answer.get("position"))  # fmt: skip
+            return await self._wait_in_queue(kernel_id, wait_s, client_gone)
         raise _refusal(response.status_code, answer, kernel_id=kernel_id)
+
+    async def _wait_in_queue(
+        self, kernel_id: str, wait_s: float, client_gone: ClientGone | None
+    ) -> dict[str, str]:
+        """Poll the queued admission until an outcome; withdraw it if this gives up."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + wait_s + QUEUE_GRACE_S
+        slice_s = CLIENT_CHECK_S if client_gone is not None else QUEUE_POLL_S
+        try:
+            while True:
+                if client_gone is not None and client_gone():
+                    raise GatewayError(503, CLIENT_GONE, code="client_gone")
+                remaining = give_up - loop.time()
+                if remaining <= 0:
+                    raise GatewayError(409, QUEUE_GAVE_UP, code="queue_timeout")
+                answer = await self._poll_admission(kernel_id, min(slice_s, remaining))
+                if answer is not None:
+                    return answer
+        except (GatewayError, asyncio.CancelledError):
+            await asyncio.shield(self.withdraw(kernel_id))
+            raise
+
+    async def _poll_admission(self, kernel_id: str, wait_s: float) -> dict[str, str] | None:
+        """One long poll: the env once admitted, None while waiting (or the scheduler is
+        momentarily away), GatewayError when refused."""
+        try:
+            response = await self._client.get(
+                f"{self.url}/v1/admissions/{kernel_id}", params={"wait_s": round(wait_s, 3)},
+                timeout=wait_s + self._timeout_s,
+            )  # fmt: skip
+        except httpx.HTTPError as e:
+            log.info("Waiting admission of %s: scheduler unreachable (%s), asking again",
+                     kernel_id, type(e).__name__)  # fmt: skip
+            await asyncio.sleep(RETRY_S)
+            return None
+        answer = _json_or_none(response)
+        if response.status_code in (200, 201) and answer and answer.get("decision") == "admitted":
+            return _admitted_env(answer)
+        if response.status_code == 202 or response.status_code >= 500:
+            if response.status_code >= 500:
+                await asyncio.sleep(RETRY_S)
+            return None
+        raise _refusal(response.status_code, answer, kernel_id=kernel_id)
+
+    async def withdraw(self, kernel_id: str) -> None:
+        """DELETE /v1/admissions/{kernel_id}: leave the queue (and drop a lease granted
+        meanwhile). Never raises: a request that is never polled again times out anyway."""
+        try:
+            await self._client.delete(f"{self.url}/v1/admissions/{kernel_id}")
+        except httpx.HTTPError as e:
+            log.warning("Withdrawing the admission of %s failed: %s", kernel_id,
+                        type(e).__name__)  # fmt: skip
+        else:
+            log.info("Withdrew the admission of kernel %s", kernel_id)
+
+    async def report_activity(self, reports: list[dict[str, object]]) -> bool:
+        """PUT /v1/activity with a batch of reports; whether the scheduler accepted it."""
+        try:
+            response = await self._client.put(f"{self.url}/v1/activity", json={"kernels": reports})
+            accepted = response.status_code == 200
+            why = f"HTTP {response.status_code}"
+        except httpx.HTTPError as e:
+            accepted, why = False, type(e).__name__
+        if not accepted and not self._activity_failing:
+            log.warning("Kernel activity reports are not reaching the scheduler (%s); "
+                        "retrying quietly", why)  # fmt: skip
+        elif accepted and self._activity_failing:
+            log.info("Kernel activity reports reach the scheduler again")
+        self._activity_failing = not accepted
+        return accepted
 
     async def release(self, kernel_id: str) -> None:
         """DELETE /v1/leases/{kernel_id}; failures are logged (the scheduler reconciles)."""

@@ -241,6 +241,12 @@ class KernelSpec(_Strict):
     idle_timeout: int = Field(8 * 3600, description="seconds; spec.yaml may say 30m")
     max_lifetime: int = Field(24 * 3600, description="seconds; spec.yaml may say 12h")
     warm_target: int = 0
+    warning_before: int = Field(
+        300, description="seconds of warning before an idle eviction; spec.yaml may say 5m"
+    )
+    evict_connected_idle: bool = Field(
+        False, description="evict idle kernels even while a client is connected (GPU pools)"
+    )
     local: LocalLaunch = LocalLaunch()
     kubernetes: KubernetesLaunch = KubernetesLaunch()
     secrets: list[SecretRef] = []
@@ -254,7 +260,7 @@ class KernelSpec(_Strict):
             raise ValueError(f"'{value}' must be lowercase letters, digits and '-'")
         return value
 
-    @field_validator("idle_timeout", "max_lifetime", mode="before")
+    @field_validator("idle_timeout", "max_lifetime", "warning_before", mode="before")
     @classmethod
     def _duration(cls, value: Any) -> int:
         return parse_duration(value)

@@ -103,19 +103,27 @@ async def test_client_cannot_claim_another_identity_or_image(
     bob = users["bob"]
     headers = {"Authorization": f"token {await bob.hub_token()}"}
     async with httpx.AsyncClient(base_url=stack.gateway_url, headers=headers, timeout=60) as eg:
-        response = await eg.post("/api/kernels", json={
-            "name": "python-cpu",
-            "env": {"KERNEL_USERNAME": "alice", "KERNEL_IMAGE": "evil/image:latest",
-                    "KERNEL_UID": "0"},
-        })
+        response = await eg.post(
+            "/api/kernels",
+            json={
+                "name": "python-cpu",
+                "env": {
+                    "KERNEL_USERNAME": "alice",
+                    "KERNEL_IMAGE": "evil/image:latest",
+                    "KERNEL_UID": "0",
+                },
+            },
+        )
         assert response.status_code == 201, response.text
         kernel_id = response.json()["id"]
         ws_url = stack.gateway_url.replace("http", "ws") + f"/api/kernels/{kernel_id}/channels"
         async with websockets.connect(ws_url, additional_headers=headers) as ws:
             result = await execute(
-                ws, "import os; print(os.environ.get('KERNEL_USERNAME'), "
+                ws,
+                "import os; print(os.environ.get('KERNEL_USERNAME'), "
                 "os.environ.get('KERNEL_IMAGE'), os.environ.get('KERNEL_UID'))",
-                session=uuid.uuid4().hex)
+                session=uuid.uuid4().hex,
+            )
         assert result.stdout.strip() == "bob None None"
         assert (await eg.delete(f"/api/kernels/{kernel_id}")).status_code == 204
 
@@ -135,8 +143,9 @@ async def test_kernelspecs_follow_groups_and_gpu_gets_a_device(
     carol_specs = (await carol.api("GET", "/kernelspecs")).json()["kernelspecs"]
     assert "python-gpu" in carol_specs
     kernel_id = await _start(carol, "python-gpu")
-    device = (await _run(carol, kernel_id,
-                         "import os; print(os.environ['CUDA_VISIBLE_DEVICES'])")).strip()
+    device = (
+        await _run(carol, kernel_id, "import os; print(os.environ['CUDA_VISIBLE_DEVICES'])")
+    ).strip()
     assert device in {"0", "1"}
     await carol.api("DELETE", f"/kernels/{kernel_id}")
 

@@ -50,10 +50,18 @@ async def execute(
     ws: websockets.ClientConnection, code: str, *, session: str, timeout: float = 30
 ) -> Execution:
     """Run code on an open channels websocket and collect its output until idle."""
-    request = message("execute_request", {"code": code, "silent": False,
-                                          "store_history": True, "user_expressions": {},
-                                          "allow_stdin": False, "stop_on_error": True},
-                      session=session)
+    request = message(
+        "execute_request",
+        {
+            "code": code,
+            "silent": False,
+            "store_history": True,
+            "user_expressions": {},
+            "allow_stdin": False,
+            "stop_on_error": True,
+        },
+        session=session,
+    )
     msg_id = request["header"]["msg_id"]
     await ws.send(json.dumps(request))
     out = Execution()
