@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from typing import Any, ClassVar
+from urllib.parse import quote
 
 from jupyter_server.gateway.gateway_client import GatewayClient
 from jupyter_server.services.kernels.connection.base import BaseKernelWebsocketConnection
@@ -44,6 +45,8 @@ from .errors import refusal_from
 from .tcp import ack_now, set_nodelay, stream_socket
 
 Message = str | bytes
+#: Tells the gateway which notebook a channels websocket serves (for its audit trail).
+PATH_HEADER = "X-Kernelfleet-Notebook-Path"
 
 
 def offered_subprotocols(request_headers: Any) -> list[str]:
@@ -205,7 +208,12 @@ class GatewayChannelsConnection(BaseKernelWebsocketConnection):
     async def _open_upstream(self, offer: list[str]) -> WebSocketClientConnection:
         """Connect to the gateway's channels websocket, with TCP_NODELAY set."""
         client = GatewayClient.instance()
-        request = HTTPRequest(self.gateway_url, **client.load_connection_args())
+        args = client.load_connection_args()
+        path = self._notebook_path()
+        if path:
+            # the gateway's audit trail records which notebook ran the code
+            args["headers"] = {**(args.get("headers") or {}), PATH_HEADER: quote(path)}
+        request = HTTPRequest(self.gateway_url, **args)
         self.log.info("Connecting to gateway channels of kernel %s", self.kernel_id)
         try:
             upstream = await websocket_connect(
@@ -226,6 +234,18 @@ class GatewayChannelsConnection(BaseKernelWebsocketConnection):
         self._upstream_socket = stream_socket(getattr(upstream.protocol, "stream", None))
         set_nodelay(self._upstream_socket)
         return upstream
+
+    def _notebook_path(self) -> str | None:
+        """The path of the notebook whose session uses this kernel (JupyterLab does not put
+        it in execute requests). A local SQLite read: no round trip to the gateway."""
+        manager = self.websocket_handler.settings.get("session_manager")
+        try:
+            row = manager.cursor.execute(
+                "SELECT path FROM session WHERE kernel_id=?", (self.kernel_id,)
+            ).fetchone()
+        except Exception:  # no session manager, or no session table yet
+            return None
+        return str(row[0]) if row and row[0] else None
 
     def _on_upstream_message(self, message: Message | None) -> None:
         """A frame from the gateway (None: the gateway websocket closed)."""

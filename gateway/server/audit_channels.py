@@ -22,6 +22,7 @@ import struct
 from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote
 
 from .audit import AuditUnavailable, ExecuteRequest
 
@@ -159,7 +160,8 @@ class AuditChannelsMixin:
 
     def on_message(self, ws_msg: str | bytes) -> Awaitable[None] | None:
         message = parse_client_message(ws_msg, v1=self.selected_subprotocol == V1_PROTOCOL)
-        path = self.request.headers.get(PATH_HEADER, "")
+        # percent-encoded by gateway.client (header values are latin-1 only)
+        path = unquote(self.request.headers.get(PATH_HEADER, ""))
         request = execution_of(message, notebook_path=path) if message else None
         if request is None:
             return super().on_message(ws_msg)  # type: ignore[misc]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 
 import httpx
@@ -176,3 +177,31 @@ async def test_gateway_without_a_token_is_401(stack: Stack) -> None:
             assert "Traceback" not in response.text
         bad = await eg.get("/api/kernels", headers={"Authorization": "token not-a-token"})
         assert bad.status_code == 401
+
+
+async def test_audit_names_who_ran_what_from_which_notebook(
+    stack: Stack, users: dict[str, HubUser]
+) -> None:
+    alice = users["alice"]
+    await alice.start_server()
+    created = await alice.api("POST", "/sessions", json={
+        "path": "reports/q3.ipynb", "type": "notebook", "name": "q3.ipynb",
+        "kernel": {"name": "python-cpu"},
+    })  # fmt: skip
+    assert created.status_code == 201, created.text
+    kernel_id = created.json()["kernel"]["id"]
+    marker = uuid.uuid4().hex
+    assert marker in await _run(alice, kernel_id, f"print('{marker}')")
+    await alice.api("DELETE", f"/sessions/{created.json()['id']}")
+    records = []
+    for _ in range(50):  # the gateway writes its audit buffer in the background
+        log = stack.state_dir / "audit" / "audit.jsonl"
+        records = [json.loads(line) for line in log.read_text().splitlines() if marker in line]
+        if records:
+            break
+        await asyncio.sleep(0.1)
+    execute = [r for r in records if r["event"] == "execute"]
+    assert len(execute) == 1, records
+    assert execute[0]["user"] == "alice"
+    assert execute[0]["kernel_id"] == kernel_id
+    assert execute[0]["notebook_path"] == "reports/q3.ipynb"
