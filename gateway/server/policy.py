@@ -24,6 +24,7 @@ USERNAME_VAR = "KERNEL_USERNAME"
 OWNED_ENV_NAMES = frozenset(
     {
         "KERNEL_ID",  # the gateway picks kernel ids
+        "KERNEL_WARM",  # only the warm pool marks kernels warm (pod label)
         "KERNEL_IMAGE",
         "KERNEL_EXECUTOR_IMAGE",
         "KERNEL_UID",

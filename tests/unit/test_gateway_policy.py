@@ -73,6 +73,7 @@ def test_client_env_loses_what_the_kernelspec_and_scheduler_own() -> None:
             "KERNEL_VOLUME_MOUNTS": "[]",
             "KERNEL_WORKING_DIR": "/",
             "KERNEL_ID": "00000000-0000-4000-8000-000000000000",
+            "KERNEL_WARM": "true",
             "KERNEL_LAUNCH_TIMEOUT": "40",
             "KERNEL_EXTRA": "fine",
         }
@@ -92,6 +93,7 @@ def test_client_env_loses_what_the_kernelspec_and_scheduler_own() -> None:
         "KERNEL_UID",
         "KERNEL_VOLUMES",
         "KERNEL_VOLUME_MOUNTS",
+        "KERNEL_WARM",
         "KERNEL_WORKING_DIR",
     ]
 
