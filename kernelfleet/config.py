@@ -213,17 +213,24 @@ def _field_path(loc: tuple[Any, ...]) -> str:
     return ".".join(str(part) for part in loc) or "(top level)"
 
 
+def read_yaml_mapping(path: Path, *, missing: str = "file not found") -> dict[str, Any]:
+    """A YAML file whose top level is a mapping (kernelfleet.yaml, spec.yaml), or a
+    ConfigError naming the file and what is wrong with it."""
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(str(path), "", missing) from None
+    except yaml.YAMLError as e:
+        raise ConfigError(str(path), "", f"not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(str(path), "", "the top level must be a mapping of settings")
+    return raw
+
+
 def load_config(path: str | os.PathLike[str] = DEFAULT_CONFIG) -> PlatformConfig:
     """Read and validate kernelfleet.yaml; raise ConfigError naming file, field and reason."""
     source = Path(path).resolve()
-    try:
-        raw = yaml.safe_load(source.read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(str(source), "", "file not found; pass --config or create it") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(str(source), "", f"not valid YAML: {e}") from e
-    if not isinstance(raw, dict):
-        raise ConfigError(str(source), "", "the top level must be a mapping of settings")
+    raw = read_yaml_mapping(source, missing="file not found; pass --config or create it")
     try:
         config = PlatformConfig.model_validate({**raw, "source": source})
     except ValidationError as e:

@@ -10,7 +10,6 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -20,7 +19,7 @@ from pydantic import (
     model_validator,
 )
 
-from ..config import PlatformConfig, parse_duration, parse_memory
+from ..config import PlatformConfig, parse_duration, parse_memory, read_yaml_mapping
 from ..errors import ConfigError
 
 SPEC_FILE = "spec.yaml"
@@ -298,14 +297,7 @@ class KernelSpec(_Strict):
 def load_kernelspec(path: Path, platform: PlatformConfig | None = None) -> KernelSpec:
     """Load one ``<dir>/spec.yaml``; the folder name is the kernelspec name."""
     spec_file = path / SPEC_FILE if path.is_dir() else path
-    try:
-        raw = yaml.safe_load(spec_file.read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(str(spec_file), "", "file not found") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(str(spec_file), "", f"not valid YAML: {e}") from e
-    if not isinstance(raw, dict):
-        raise ConfigError(str(spec_file), "", "the top level must be a mapping")
+    raw = read_yaml_mapping(spec_file)
     folder_name = spec_file.parent.name
     if raw.setdefault("name", folder_name) != folder_name:
         raise ConfigError(
