@@ -15,7 +15,7 @@ from .errors import KernelfleetError
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every sub-command registered."""
-    from . import audit, bootstrap, ops, up
+    from . import audit, bootstrap, evictions_cmd, ops, up, warm_cmd
     from .kernelspecs import commands as kernelspec_commands
 
     parser = argparse.ArgumentParser(
@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     kernelspec_commands.add_parser(subparsers)
     audit.add_parser(subparsers)
     ops.add_parser(subparsers)
+    evictions_cmd.add_parser(subparsers)
+    warm_cmd.add_parser(subparsers)
     return parser
 
 

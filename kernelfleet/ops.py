@@ -104,9 +104,15 @@ class SchedulerAPI:
 
     def get(self, path: str, **params: Any) -> Any:
         """GET ``path``; KernelfleetError with the scheduler's message when it fails."""
-        query = {k: v for k, v in params.items() if v is not None}
+        return self.request("GET", path, params=params)
+
+    def request(
+        self, method: str, path: str, *, params: dict[str, Any] | None = None, json: Any = None
+    ) -> Any:
+        """``method path``; the JSON answer, or KernelfleetError with the scheduler's message."""
+        query = {k: v for k, v in (params or {}).items() if v is not None}
         try:
-            response = self._client.get(path, params=query)
+            response = self._client.request(method, path, params=query, json=json)
         except httpx.HTTPError as e:
             raise KernelfleetError(
                 f"The scheduler at {self.url} is unreachable ({type(e).__name__}); "

@@ -38,6 +38,7 @@ from .app import create_app
 from .auth import HubTokenResolver
 from .errors import RedisUnavailable
 from .eviction import Evictor
+from .eviction_policy import PRESSURE_GRACE_S, PRESSURE_WARNING_S
 from .loops import Loops
 from .pools import resolve_pools
 from .reconcile import KERNEL_GRACE_S, LEASE_GRACE_S, EnterpriseGatewayClient, Reconciler
@@ -114,6 +115,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="warn and stop idle kernels this often (default: %(default)s)",
     )
     parser.add_argument(
+        "--pressure-grace",
+        type=float,
+        default=PRESSURE_GRACE_S,
+        metavar="SECONDS",
+        help="a full pool with a queue evicts its longest-idle kernel idle at least this long "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--pressure-warning",
+        type=float,
+        default=PRESSURE_WARNING_S,
+        metavar="SECONDS",
+        help="warning before a pressure eviction (default: %(default)s)",
+    )
+    parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
     )
     return parser.parse_args(argv)
@@ -141,6 +157,10 @@ def listen(platform: PlatformConfig) -> socket.socket:
     try:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
         sock = socket.create_server((host, port), family=family, backlog=1024)
+        # Accepted sockets inherit it. asyncio sets TCP_NODELAY only on sockets whose proto
+        # is IPPROTO_TCP (create_server's is 0), and uvicorn writes a response's headers and
+        # body separately: with Nagle on, every keep-alive request waited ~40 ms for an ACK.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     except OSError as e:
         if e.errno == errno.EADDRINUSE:
             raise StartupError(
@@ -180,6 +200,8 @@ class Startup:
     lease_grace_s: float = LEASE_GRACE_S
     kernel_grace_s: float = KERNEL_GRACE_S
     eviction_interval_s: float = 5.0
+    pressure_grace_s: float = PRESSURE_GRACE_S
+    pressure_warning_s: float = PRESSURE_WARNING_S
 
 
 def _gateway_token(args: argparse.Namespace, platform: PlatformConfig) -> str | None:
@@ -206,6 +228,8 @@ def prepare(args: argparse.Namespace) -> Startup:
         lease_grace_s=args.lease_grace,
         kernel_grace_s=args.kernel_grace,
         eviction_interval_s=args.eviction_interval,
+        pressure_grace_s=args.pressure_grace,
+        pressure_warning_s=args.pressure_warning,
     )
 
 
@@ -219,7 +243,10 @@ def _loops(startup: Startup, scheduler: Scheduler) -> tuple[Loops, EnterpriseGat
                             kernel_grace_s=startup.kernel_grace_s)  # fmt: skip
     log.info("reconciling with Enterprise Gateway at %s every %s s", startup.gateway_url,
              startup.reconcile_interval_s)  # fmt: skip
-    evictor = Evictor(scheduler, gateway, kernelspecs=startup.kernelspecs)
+    evictor = Evictor(scheduler, gateway, kernelspecs=startup.kernelspecs,
+                      pressure_grace_s=startup.pressure_grace_s,
+                      pressure_warning_s=startup.pressure_warning_s,
+                      exclusive_s=startup.eviction_interval_s * 0.8)  # fmt: skip
     return Loops(scheduler, reconciler=reconciler, evictor=evictor,
                  reconcile_interval_s=startup.reconcile_interval_s,
                  eviction_interval_s=startup.eviction_interval_s), gateway  # fmt: skip

@@ -21,8 +21,10 @@ from . import models
 from .api import v1_router
 from .auth import SERVICE, Caller, TokenResolver, is_service_token
 from .errors import SchedulerError, Unauthorized
+from .eviction_api import eviction_router
 from .metrics import CONTENT_TYPE, SchedulerMetrics
 from .service import Scheduler
+from .warm_api import warm_router
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +167,8 @@ def create_app(
     )
     _install_error_handlers(app)
     app.include_router(v1_router(scheduler), responses=_ERRORS)
+    app.include_router(eviction_router(scheduler), responses=_ERRORS)
+    app.include_router(warm_router(scheduler), responses=_ERRORS)
 
     @app.get("/healthz", response_model=models.HealthResponse, responses={503: _ERRORS[503]})
     async def healthz() -> models.HealthResponse:

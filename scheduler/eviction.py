@@ -114,6 +114,14 @@ class EvictionStore:
             pipe.hdel(keys.EVICT_WARNED, eviction.kernel_id)
             await pipe.execute()
 
+    async def mark_stopped(self, kernel_id: str, reason: str) -> None:
+        """Give the stopped lease the eviction's reason (EG's own release may have landed
+        first, as ``released``); the stopped copy keeps its expiry."""
+        key = keys.stopped(kernel_id)
+        with unavailable_as(self._location):
+            if await self._redis.exists(key):
+                await self._redis.hset(key, "stop_reason", reason)
+
     async def list(self, *, limit: int = 100, user: str | None = None) -> list[Eviction]:
         """The latest evictions, newest first (of ``user`` only, if given)."""
         with unavailable_as(self._location):
@@ -144,16 +152,31 @@ class Evictor:
         kernelspecs: Mapping[str, KernelSpec],
         pressure_grace_s: float = PRESSURE_GRACE_S,
         pressure_warning_s: float = PRESSURE_WARNING_S,
+        exclusive_s: float | None = None,
     ) -> None:
         self.scheduler = scheduler
         self.gateway = gateway
         self.kernelspecs = kernelspecs
         self.pressure_grace_s = pressure_grace_s
         self.pressure_warning_s = pressure_warning_s
+        self.exclusive_s = exclusive_s
         self.store = EvictionStore(scheduler.redis, location=scheduler.location)
+
+    async def _my_turn(self) -> bool:
+        """With ``exclusive_s``, one sweep per that many seconds across scheduler replicas
+        (so a kernel is warned once, not once per replica)."""
+        if self.exclusive_s is None:
+            return True
+        with unavailable_as(self.scheduler.location):
+            took = await self.scheduler.redis.set(
+                keys.lock("evictions"), "1", nx=True, px=int(self.exclusive_s * 1000)
+            )
+        return bool(took)
 
     async def sweep(self) -> list[Eviction]:
         """One sweep: decide, warn, evict, greet. Returns the evictions it made."""
+        if not await self._my_turn():
+            return []
         now = self.scheduler.clock()
         leases = await self.scheduler.leases.list()
         warned = await self.store.warnings()
@@ -236,7 +259,8 @@ class Evictor:
                         e.log_message)  # fmt: skip
             return None
         eviction = Eviction.of(lease, verdict, at=now)
-        await self.scheduler.release(lease.kernel_id, reason=eviction.reason)
+        if not await self.scheduler.release(lease.kernel_id, reason=eviction.reason):
+            await self.store.mark_stopped(lease.kernel_id, eviction.reason)
         note = text.stopped(reason=eviction.reason, kernelspec=lease.kernelspec, at=now,
                             idle_s=eviction.idle_s)  # fmt: skip
         await self.store.record(eviction, note)

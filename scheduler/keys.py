@@ -35,6 +35,7 @@ key                                         type    content
 ``kf:reconcile:orphans``                    zset    kernel_id EG runs unleased, by first seen
 ``kf:evict:warned``                         hash    kernel_id -> JSON of the eviction warning sent
 ``kf:evict:notes``                          hash    user -> JSON note for their next kernel start
+``kf:warm:targets``                          hash    kernelspec -> warm target pinned by ops
 ``kf:evictions``                            list    JSON eviction records, newest first (capped)
 ``kf:lock:{name}``                          string  holder of a loop's lock (with expiry)
 ``kf:start-failure:{kernel_id}``            hash    why a kernel pod did not start (kubernetes; TTL)
@@ -57,6 +58,7 @@ RECONCILE_ORPHANS = f"{PREFIX}:reconcile:orphans"
 EVICT_WARNED = f"{PREFIX}:evict:warned"
 EVICT_NOTES = f"{PREFIX}:evict:notes"
 EVICTIONS = f"{PREFIX}:evictions"
+WARM_TARGETS = f"{PREFIX}:warm:targets"
 
 
 def _part(name: str) -> str:

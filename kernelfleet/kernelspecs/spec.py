@@ -217,6 +217,29 @@ class SecretRef(_Strict):
         return {"path": self.vault, "env": self.env_map(), "optional": self.optional}
 
 
+class WarmAuto(_Strict):
+    """Auto warm target: recent starts per second × cold-start seconds, within [min, max]
+    and the pool's room (docs/scheduler.md, "Warm pools"). A pinned value overrides it."""
+
+    min: int = Field(0, ge=0)
+    max: int = Field(ge=0)
+    cold_start: int = Field(10, description="seconds a cold start takes; spec.yaml may say 8s")
+    window: int = Field(900, description="seconds of recent starts counted; may say 15m")
+
+    @field_validator("cold_start", "window", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> int:
+        return parse_duration(value)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> WarmAuto:
+        if self.min > self.max:
+            raise ValueError(f"warm_auto min {self.min} is above max {self.max}")
+        if self.window <= 0:
+            raise ValueError("warm_auto window must be positive")
+        return self
+
+
 class AuditPolicy(_Strict):
     """Per-kernelspec audit settings; unset ones follow the gateway's (docs/compliance.md)."""
 
@@ -240,6 +263,7 @@ class KernelSpec(_Strict):
     idle_timeout: int = Field(8 * 3600, description="seconds; spec.yaml may say 30m")
     max_lifetime: int = Field(24 * 3600, description="seconds; spec.yaml may say 12h")
     warm_target: int = 0
+    warm_auto: WarmAuto | None = None
     warning_before: int = Field(
         300, description="seconds of warning before an idle eviction; spec.yaml may say 5m"
     )

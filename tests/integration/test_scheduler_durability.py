@@ -79,6 +79,7 @@ class Stack:
     port: int
     process: subprocess.Popen[str] | None = None
     logs: list[Path] = field(default_factory=list)
+    extra_args: list[str] = field(default_factory=list)
 
     @property
     def url(self) -> str:
@@ -102,6 +103,7 @@ class Stack:
                 "0",
                 "--kernel-grace",
                 "0.5",
+                *self.extra_args,
             ],
             cwd=REPO,
             stdout=subprocess.PIPE,

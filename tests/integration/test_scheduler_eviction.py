@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import httpx
 import pytest
 
+from kernelfleet.evictions_cmd import evictions_table
 from kernelfleet.kernelspecs.spec import KernelSpec
 from scheduler.activity import Report
 from scheduler.admission import Admission, Queued
+from scheduler.app import create_app
 from scheduler.errors import GatewayUnavailable
 from scheduler.eviction import Evictor
 from scheduler.service import Scheduler
@@ -209,3 +212,34 @@ async def test_no_pressure_eviction_within_the_grace(
     await evictor.sweep()
     clock.advance(60)
     assert await evictor.sweep() == [] and gateway.notices == {}
+
+
+async def test_evictions_are_listed_by_the_api_and_the_cli(
+    scheduler: Scheduler, evictor: Evictor, clock: ManualClock
+) -> None:
+    for user in ("alice", "bob"):
+        await report(scheduler, await started(scheduler, user), "idle", connections=0)
+    clock.advance(25 * 60)
+    await evictor.sweep()
+    clock.advance(5 * 60)
+    assert len(await evictor.sweep()) == 2
+    app = create_app(scheduler, token="t")
+    transport = httpx.ASGITransport(app=app)
+    auth = {"Authorization": "token t"}
+    async with httpx.AsyncClient(transport=transport, base_url="http://s", headers=auth) as c:
+        everyone = (await c.get("/v1/evictions")).json()["evictions"]
+        bobs = (await c.get("/v1/evictions", params={"user": "bob"})).json()["evictions"]
+        refused = await c.get("/v1/evictions", headers={"Authorization": "token nope"})
+    assert sorted(e["user"] for e in everyone) == ["alice", "bob"]
+    assert [e["user"] for e in bobs] == ["bob"] and refused.status_code == 401
+    lines = evictions_table(everyone).splitlines()
+    assert "REASON" in lines[0] and "GPU-H FREED" in lines[0] and len(lines) == 3
+    assert all(" idle " in line and "0.50" in line for line in lines[1:])
+    assert evictions_table([]) == "No evictions."
+
+
+async def test_replicas_take_turns(scheduler: Scheduler, gateway: NoticeGateway) -> None:
+    first, second = (
+        Evictor(scheduler, gateway, kernelspecs=KERNELSPECS, exclusive_s=5) for _ in range(2)
+    )
+    assert await first._my_turn() and not await second._my_turn()

@@ -1,0 +1,171 @@
+"""Idle eviction through the real chain: scheduler process → Enterprise Gateway → websocket.
+
+The scheduler's kernelspecs give python-cpu a 4 s idle timeout with a 2 s warning and
+``evict_connected_idle`` (as python-gpu has in production), and it sweeps every 0.2 s;
+pressure evicts a kernel idle for 1 s after a 1 s warning.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from tests.integration.test_gateway_server import (
+    ALICE,
+    CAROL,
+    GATEWAY_PYTHON,
+    GATEWAY_SERVICE,
+    SCHEDULER_TOKEN,
+    Gateway,
+    HubAPIStandIn,
+    _serve,
+    channels,
+    execute,
+    start_kernel,
+)
+from tests.integration.test_scheduler_durability import Stack
+from tests.support.ports import free_port
+from tests.support.redis_server import running_redis
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.skipif(not GATEWAY_PYTHON.exists(), reason="needs .venv-gateway")
+
+
+def _short_idle_kernelspecs(folder: Path) -> Path:
+    specs = folder / "kernelspecs"
+    shutil.copytree(REPO / "kernelspecs", specs)
+    spec_file = specs / "python-cpu" / "spec.yaml"
+    spec = yaml.safe_load(spec_file.read_text())
+    spec.update(idle_timeout="4s", warning_before="2s", evict_connected_idle=True)
+    spec_file.write_text(yaml.safe_dump(spec))
+    return specs
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gateway, Stack]]:
+    folder = tmp_path_factory.mktemp("chain")
+    hub, hub_port = _serve(HubAPIStandIn)
+    scheduler_port = free_port()
+    gateway = Gateway(folder / "gateway", hub_port, scheduler_port)
+    with running_redis(folder / "redis") as redis:
+        config = {
+            "host": "127.0.0.1", "state_dir": "state",
+            "kernelspecs_dir": str(_short_idle_kernelspecs(folder)),
+            "ports": {"scheduler": scheduler_port, "redis": redis.port, "gateway": gateway.port,
+                      "hub_api": hub_port},
+            "pools": {"cpu": {"cpus": 8, "memory": "32Gi"},
+                      "gpu": {"cpus": 8, "memory": "32Gi", "gpus": 2, "simulated_gpus": True}},
+        }  # fmt: skip
+        (folder / "kernelfleet.yaml").write_text(yaml.safe_dump(config))
+        secrets = folder / "state" / "secrets"
+        secrets.mkdir(parents=True)
+        (secrets / "scheduler_token").write_text(SCHEDULER_TOKEN)
+        (secrets / "gateway_service_token").write_text(GATEWAY_SERVICE)
+        scheduler = Stack(folder=folder, redis=redis, port=scheduler_port,
+                          extra_args=["--eviction-interval", "0.2", "--pressure-grace", "1",
+                                      "--pressure-warning", "1"])  # fmt: skip
+        scheduler.start()
+        try:
+            yield gateway, scheduler
+        finally:
+            gateway.stop()
+            scheduler.stop()
+            hub.shutdown()
+            hub.server_close()
+
+
+@pytest.fixture
+async def api(chain: tuple[Gateway, Stack]) -> AsyncIterator[tuple[httpx.AsyncClient, ...]]:
+    gateway, scheduler = chain
+    async with (
+        httpx.AsyncClient(base_url=gateway.url, timeout=60,
+                          headers={"Authorization": f"token {ALICE}"}) as alice,
+        httpx.AsyncClient(base_url=scheduler.url, timeout=10,
+                          headers={"Authorization": f"token {SCHEDULER_TOKEN}"}) as ops,
+    ):  # fmt: skip
+        yield alice, ops
+
+
+async def stderr_lines(ws: Any, timeout: float) -> str:
+    """The next IOPub stderr stream text on ``ws``."""
+    async with asyncio.timeout(timeout):
+        while True:
+            msg = json.loads(await ws.recv())
+            if msg["header"]["msg_type"] == "stream" and msg["content"]["name"] == "stderr":
+                return msg["content"]["text"]
+
+
+async def test_idle_kernel_is_warned_evicted_recorded_and_mentioned_once(
+    chain: tuple[Gateway, Stack], api: tuple[httpx.AsyncClient, ...]
+) -> None:
+    gateway, _ = chain
+    alice, ops = api
+    kernel_id = await start_kernel(alice)
+    session = uuid.uuid4().hex
+    async with channels(gateway, kernel_id, ALICE, session) as ws:
+        assert (await execute(ws, "print('hi')", session)).strip() == "hi"
+        warning = await stderr_lines(ws, timeout=10)  # the tab stays open, silent
+        assert "has been idle for" in warning and "Run any cell to keep it." in warning
+        async with asyncio.timeout(10):
+            while (await ops.get(f"/v1/leases/{kernel_id}")).status_code != 404:
+                await asyncio.sleep(0.1)
+    assert (await alice.get(f"/api/kernels/{kernel_id}")).status_code == 404
+    [record] = (await ops.get("/v1/evictions", params={"user": "alice"})).json()["evictions"]
+    assert (record["kernel_id"], record["reason"]) == (kernel_id, "idle")
+    stopped = (await ops.get("/v1/leases", params={"state": "stopped"})).json()["leases"]
+    assert [x["stop_reason"] for x in stopped if x["kernel_id"] == kernel_id] == ["idle"]
+
+    again = await start_kernel(alice)  # the next start mentions it, once
+    async with channels(gateway, again, ALICE, uuid.uuid4().hex) as ws:
+        note = await stderr_lines(ws, timeout=10)
+    assert note.startswith("Your python-cpu kernel was stopped at ") and "min idle" in note
+    await alice.delete(f"/api/kernels/{again}")
+
+
+async def test_running_a_cell_after_the_warning_cancels_the_eviction(
+    chain: tuple[Gateway, Stack], api: tuple[httpx.AsyncClient, ...]
+) -> None:
+    gateway, _ = chain
+    alice, ops = api
+    kernel_id = await start_kernel(alice)
+    session = uuid.uuid4().hex
+    async with channels(gateway, kernel_id, ALICE, session) as ws:
+        await execute(ws, "print('hi')", session)
+        await stderr_lines(ws, timeout=10)
+        assert (await execute(ws, "print('still here')", session)).strip() == "still here"
+        await asyncio.sleep(2.5)  # past the warned deadline
+        assert (await ops.get(f"/v1/leases/{kernel_id}")).status_code == 200
+        await execute(ws, "print('keep')", session)
+    await alice.delete(f"/api/kernels/{kernel_id}")
+
+
+async def test_pressure_frees_a_gpu_for_a_queued_user(
+    chain: tuple[Gateway, Stack], api: tuple[httpx.AsyncClient, ...]
+) -> None:
+    gateway, scheduler = chain
+    alice, ops = api
+    async with httpx.AsyncClient(base_url=gateway.url, timeout=60,
+                                 headers={"Authorization": f"token {CAROL}"}) as carol:  # fmt: skip
+        held = [await start_kernel(alice, "python-gpu"), await start_kernel(carol, "python-gpu")]
+        for kernel_id, token in zip(held, (ALICE, CAROL), strict=True):
+            session = uuid.uuid4().hex
+            async with channels(gateway, kernel_id, token, session) as ws:
+                await execute(ws, "print('on a GPU')", session)  # then idle, tab closed
+        waiting = await carol.post("/api/kernels", json={"name": "python-gpu"})
+        assert waiting.status_code == 201, waiting.text  # queued, then admitted
+        found = (await ops.get("/v1/evictions", params={"limit": 10})).json()["evictions"]
+        assert [(e["kernel_id"], e["reason"]) for e in found if e["reason"] == "pressure"] == [
+            (held[0], "pressure")  # alice's, idle the longest
+        ]
+        assert (await ops.get(f"/v1/leases/{held[1]}")).status_code == 200
+        for kernel_id in (held[1], waiting.json()["id"]):
+            await carol.delete(f"/api/kernels/{kernel_id}")

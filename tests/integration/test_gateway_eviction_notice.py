@@ -1,0 +1,74 @@
+"""Eviction notices through a real Enterprise Gateway: every connected client sees them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from typing import Any
+
+import pytest
+
+from scheduler.errors import GatewayUnavailable
+from scheduler.reconcile import EnterpriseGatewayClient
+from tests.integration import test_gateway_server as served
+from tests.integration.test_gateway_server import (
+    ALICE,
+    GATEWAY_PYTHON,
+    GATEWAY_SERVICE,
+    Gateway,
+    channels,
+    execute,
+    start_kernel,
+)
+
+# the gateway fixtures of test_gateway_server (one EG for this module)
+hub_port, scheduler_port = served.hub_port, served.scheduler_port
+gateway, api = served.gateway, served.api
+
+pytestmark = pytest.mark.skipif(not GATEWAY_PYTHON.exists(), reason="needs .venv-gateway")
+
+
+async def next_stderr(ws: Any, timeout: float = 10) -> str:
+    """The text of the next IOPub stderr stream message on ``ws``."""
+    async with asyncio.timeout(timeout):
+        while True:
+            msg = json.loads(await ws.recv())
+            if msg.get("channel") == "iopub" and msg["header"]["msg_type"] == "stream":
+                if msg["content"]["name"] == "stderr":
+                    return msg["content"]["text"]
+
+
+async def test_notice_reaches_every_connected_client(gateway: Gateway, api: Any) -> None:
+    kernel_id = await start_kernel(api(ALICE))
+    eg = EnterpriseGatewayClient(gateway.url, GATEWAY_SERVICE)
+    sessions = [uuid.uuid4().hex for _ in range(2)]
+    tabs = [await channels(gateway, kernel_id, ALICE, s) for s in sessions]
+    try:
+        assert (await execute(tabs[0], "print(1)", sessions[0])).strip() == "1"
+        text = "This GPU kernel has been idle for 25 minutes. Run any cell to keep it."
+        assert await eg.notice(kernel_id, text) == 2
+        for tab in tabs:
+            assert (await next_stderr(tab)).strip() == text
+        refused = await api(ALICE).post(
+            f"/kernelfleet/kernels/{kernel_id}/notice", json={"text": "fake eviction"}
+        )
+        assert refused.status_code == 403  # only the scheduler (an admin identity) speaks here
+    finally:
+        for tab in tabs:
+            await tab.close()
+        await eg.aclose()
+
+
+async def test_notice_waits_for_the_first_client(gateway: Gateway, api: Any) -> None:
+    kernel_id = await start_kernel(api(ALICE))
+    eg = EnterpriseGatewayClient(gateway.url, GATEWAY_SERVICE)
+    try:
+        note = "Your python-cpu kernel was stopped at 14:02 after 30 min idle."
+        assert await eg.notice(kernel_id, note) == 0
+        async with channels(gateway, kernel_id, ALICE, uuid.uuid4().hex) as tab:
+            assert (await next_stderr(tab)).strip() == note
+        with pytest.raises(GatewayUnavailable):
+            await eg.notice(kernel_id, "")  # 400: nothing to say
+    finally:
+        await eg.aclose()
