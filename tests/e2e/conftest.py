@@ -10,7 +10,7 @@ import pytest
 from .stack import HubUser, Stack, start_stack, stop_stack_process, write_test_config
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")  # stopped when the e2e tests are done, not at session end
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     tmp: Path = tmp_path_factory.mktemp("stack")
     running = start_stack(write_test_config(tmp))

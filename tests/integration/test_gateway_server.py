@@ -199,7 +199,7 @@ class Gateway:
         self._wait_until_up()
 
     def _wait_until_up(self) -> None:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60  # a loaded 2-core CI machine is slow to import EG
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"gateway exited:\n{self.log.read_text()[-3000:]}")
