@@ -1,4 +1,5 @@
-# kernelfleet: `make up` runs the platform on this machine, `make test` runs every test.
+# kernelfleet: `make up` runs the platform on this machine, `make test` runs every test,
+# `make bench` compares it with the stock stack on this machine (bench/README.md).
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
@@ -16,8 +17,13 @@ test: $(INSTALLED)
 test-fast: $(INSTALLED)
 	$(BIN)/python -m pytest -p no:cacheprovider -m "not e2e and not browser"
 
+# `make bench BENCH_ARGS="--only latency,admission --quick"` runs a subset (bench/README.md).
+bench: $(INSTALLED)
+	$(BIN)/kernelfleet setup
+	$(BIN)/python -m bench $(BENCH_ARGS)
+
 lint: $(INSTALLED)
-	$(BIN)/ruff check kernelfleet scheduler gateway hub tests
+	$(BIN)/ruff check kernelfleet scheduler gateway hub tests bench
 
 $(INSTALLED): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

@@ -39,7 +39,7 @@ from tornado.escape import url_escape
 from tornado.httpclient import HTTPClientError, HTTPRequest
 from tornado.iostream import StreamClosedError
 from tornado.websocket import WebSocketClientConnection, WebSocketClosedError, websocket_connect
-from traitlets import Float, Unicode
+from traitlets import Bool, Float, Unicode
 
 from .errors import refusal_from
 from .tcp import ack_now, set_nodelay, stream_socket
@@ -109,6 +109,15 @@ class GatewayChannelsConnection(BaseKernelWebsocketConnection):
         config=True,
         help="""Seconds between websocket pings to the gateway (0 disables). Keeps idle
         connections through proxies and notices a dead gateway.""",
+    )
+
+    quick_ack = Bool(
+        True,
+        config=True,
+        help="""Acknowledge each frame from the gateway at once (TCP_QUICKACK), so a gateway
+        that leaves Nagle on (stock Enterprise Gateway) sends its next frame without waiting
+        ~40 ms for a delayed ACK. Costs a system call per frame; kernelfleet's gateway sets
+        TCP_NODELAY itself, so its spawner turns this off.""",
     )
 
     _by_session: ClassVar[dict[str, GatewayChannelsConnection]] = {}
@@ -252,7 +261,8 @@ class GatewayChannelsConnection(BaseKernelWebsocketConnection):
         if message is None:
             self._on_upstream_closed()
             return
-        ack_now(self._upstream_socket)
+        if self.quick_ack:
+            ack_now(self._upstream_socket)
         if self._browser_open:
             self._send_to_browser(message)
         else:

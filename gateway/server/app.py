@@ -102,8 +102,11 @@ class KernelfleetGatewayApp(ComplianceSettings, EnterpriseGatewayApp):
     ).tag(config=True)
 
     hub_api_timeout = Float(
-        5.0,
-        help="Seconds to wait for JupyterHub's API before a request fails with 503.",
+        30.0,
+        help="""Seconds to wait for JupyterHub's API before a request fails with 503. A hub
+        busy with many logins at once answers late, not never (50 users on a 2-core host:
+        over 5 s); a kernel start that waits is better than one refused. A hub that is
+        down fails at once whatever this is.""",
     ).tag(config=True)
 
     kernel_home_root = Unicode(

@@ -126,9 +126,14 @@ class AuditSink:
         durable_timeout_s: float = 5.0,
         shipper: Shipper | None = None,
         clock: Callable[[], float] | None = None,
+        coalesce_s: float = 0.0,
     ) -> None:
         self.chain = chain
         self.capacity = capacity
+        # Seconds a batch of non-durable records waits for more before it is written: one
+        # thread hand-off per execution competed with the kernel messages of the same cell
+        # (bench/README.md). Durable records and closing write at once.
+        self.coalesce_s = coalesce_s
         self.buffer_timeout_s = buffer_timeout_s
         self.durable_timeout_s = durable_timeout_s
         self.shipper = shipper
@@ -276,9 +281,23 @@ class AuditSink:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
+            await self._coalesce()
             await self._write_batch()
             if self._outage is not None:
                 await self._back_off(0.1 if self._closing else self._outage.backoff_s)
+
+    async def _coalesce(self) -> None:
+        """Wait up to ``coalesce_s`` for more records, unless one is durable or we close."""
+        assert self._urgent is not None
+        if self.coalesce_s <= 0 or self._closing:
+            return
+        self._urgent.clear()
+        if any(item.future is not None for item in self._pending):
+            return
+        try:
+            await asyncio.wait_for(self._urgent.wait(), self.coalesce_s)
+        except asyncio.TimeoutError:
+            pass
 
     async def _back_off(self, seconds: float) -> None:
         """Wait before retrying a failed write, unless a strict record arrives meanwhile."""

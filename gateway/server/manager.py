@@ -39,12 +39,13 @@ from .compliance import Compliance, audited_start
 from .errors import GatewayError
 from .identity import Identity
 from .policy import USERNAME_VAR, check_may_start, home_for, scheduler_kernelspec_name
+from .ports import DistinctPortsMixin
 from .scheduler import NoScheduler, Scheduler
 
 DEFAULT_LAUNCH_TIMEOUT_S = 30.0  # EG's own default (EG_KERNEL_LAUNCH_TIMEOUT)
 
 
-class KernelfleetKernelManager(RemoteKernelManager):
+class KernelfleetKernelManager(DistinctPortsMixin, RemoteKernelManager):
     """EG's per-kernel manager, plus ``pinned_env`` applied last on every (re)launch."""
 
     def __init__(self, **kwargs: Any) -> None:

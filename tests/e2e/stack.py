@@ -197,9 +197,8 @@ class HubUser:
             f"/api/kernels/{kernel_id}/channels?session_id={session}"
         )
         cookie = "; ".join(f"{c.name}={c.value}" for c in self.http.cookies.jar)
-        return websockets.connect(
-            url, additional_headers={"Cookie": cookie}, max_size=None, open_timeout=60, **kwargs
-        )
+        options: dict[str, Any] = {"max_size": None, "open_timeout": 60, **kwargs}
+        return websockets.connect(url, additional_headers={"Cookie": cookie}, **options)
 
     async def hub_token(self) -> str:
         """A personal hub API token, as a user makes one on the token page."""

@@ -1,0 +1,219 @@
+"""Scheduler admission under concurrency, against a real Redis, with over-commit checks.
+
+Two ways in, same workload:
+
+- ``inprocess``: the scheduler's own ``Scheduler.admit`` (the Admitter's one Lua round trip
+  to Redis, plus metrics) called by ``c`` concurrent tasks in this process. This is the
+  figure the issue's target applies to: the decision itself, without HTTP.
+- ``http``: ``POST /v1/admissions`` to a real ``python -m scheduler`` process, as the
+  gateway calls it (``c`` concurrent connections; the client shares this machine's CPUs).
+
+Workload: ``c`` workers loop; each first releases the lease it holds (if any), then asks to
+admit a new kernel (fresh id) for a random one of the platform's users (200): python-cpu, or
+for ml members every other time python-gpu. Pools are small enough that quotas and capacity
+refuse many requests at 50 and 500 concurrent. An admission's latency is measured around ``admit``
+only; ``per_s`` counts decisions (admitted or refused) per second of wall time, releases
+included in that time.
+
+Over-commits are counted twice: by a client-side ledger (what is held, counted up when an
+admission is answered and down *before* its release is sent, so it can only under-count
+what Redis holds: any excess over a capacity or quota is a real over-commit), and by
+re-reading every live lease from Redis at the end (:func:`bench.scheduling.over_commits`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+import uuid
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from kernelfleet.config import PlatformConfig
+from scheduler.errors import SchedulerError
+from scheduler.leases import Lease
+from scheduler.pools import to_milli
+from scheduler.quotas import effective_quota
+from scheduler.service import Scheduler
+from tests.support.redis_server import RedisServer
+
+from .context import Context
+from .runtime import progress
+from .scheduler_process import SchedulerProcess
+from .scheduling import bench_platform, over_commits, scheduler_on, user_groups, user_name
+from .stats import summarize
+
+USERS = 200
+LEVELS = (1, 50, 500)
+DECISIONS = {"inprocess": {1: 2000, 50: 10000, 500: 20000}, "http": {1: 500, 50: 3000, 500: 5000}}
+QUICK_DECISIONS = {"inprocess": {1: 300, 50: 2000, 500: 4000}, "http": {1: 200, 50: 600, 500: 1000}}
+
+Decide = Callable[[str, str, list[str], str], Awaitable[tuple[str, Lease | None]]]
+Release = Callable[[str], Awaitable[None]]
+
+
+@dataclass
+class Ledger:
+    """What the clients hold, by pool and by user, and every limit it ever exceeded."""
+
+    scheduler: Scheduler
+    platform: PlatformConfig
+    pool_cpus_milli: Counter[str] = field(default_factory=Counter)
+    pool_gpus: Counter[str] = field(default_factory=Counter)
+    user_kernels: Counter[str] = field(default_factory=Counter)
+    user_gpus: Counter[str] = field(default_factory=Counter)
+    violations: list[str] = field(default_factory=list)
+
+    def admitted(self, lease: Lease) -> None:
+        """Count ``lease`` as held and check the limits it is under."""
+        pool = self.scheduler.pools[lease.pool]
+        self.pool_cpus_milli[lease.pool] += to_milli(lease.cpus)
+        self.pool_gpus[lease.pool] += lease.gpus
+        self.user_kernels[lease.user] += 1
+        self.user_gpus[lease.user] += lease.gpus
+        groups = self.platform.users[lease.user].groups
+        quota = effective_quota(self.platform.quotas, lease.user, groups)
+        if self.pool_cpus_milli[lease.pool] > pool.cpus_milli:
+            self.violations.append(f"pool {lease.pool} CPUs over capacity")
+        if self.pool_gpus[lease.pool] > pool.gpus:
+            self.violations.append(f"pool {lease.pool} GPUs over capacity")
+        if quota.kernels is not None and self.user_kernels[lease.user] > quota.kernels:
+            self.violations.append(f"user {lease.user} over kernel quota")
+        if quota.gpus is not None and self.user_gpus[lease.user] > quota.gpus:
+            self.violations.append(f"user {lease.user} over GPU quota")
+
+    def releasing(self, lease: Lease) -> None:
+        """``lease`` is about to be released: no longer counted."""
+        self.pool_cpus_milli[lease.pool] -= to_milli(lease.cpus)
+        self.pool_gpus[lease.pool] -= lease.gpus
+        self.user_kernels[lease.user] -= 1
+        self.user_gpus[lease.user] -= lease.gpus
+
+
+@dataclass
+class Tally:
+    """Latencies and outcomes of one run."""
+
+    remaining: int
+    samples: list[float] = field(default_factory=list)
+    outcomes: Counter[str] = field(default_factory=Counter)
+
+    def take(self) -> bool:
+        """Claim one more decision to make; False when all are claimed."""
+        if self.remaining <= 0:
+            return False
+        self.remaining -= 1
+        return True
+
+
+async def _worker(seed: int, decide: Decide, release: Release, ledger: Ledger,
+                  tally: Tally) -> None:  # fmt: skip
+    rng = random.Random(seed)
+    users = len(ledger.platform.users)
+    held: Lease | None = None
+    try:
+        while tally.take():
+            if held is not None:
+                ledger.releasing(held)
+                await release(held.kernel_id)
+                held = None
+            i = rng.randrange(users)
+            spec = "python-gpu" if i % 2 and rng.random() < 0.5 else "python-cpu"
+            began = time.perf_counter()
+            outcome, lease = await decide(str(uuid.uuid4()), user_name(i), user_groups(i), spec)
+            tally.samples.append(time.perf_counter() - began)
+            tally.outcomes[outcome] += 1
+            if lease is not None:
+                ledger.admitted(lease)
+                held = lease
+    finally:
+        if held is not None:
+            ledger.releasing(held)
+            await release(held.kernel_id)
+
+
+def in_process(scheduler: Scheduler) -> tuple[Decide, Release]:
+    """Decide and release with ``Scheduler.admit`` / ``Scheduler.release``."""
+
+    async def decide(kernel_id: str, user: str, groups: list[str], spec: str
+                     ) -> tuple[str, Lease | None]:  # fmt: skip
+        try:
+            admission = await scheduler.admit(kernel_id=kernel_id, user=user, groups=groups,
+                                              kernelspec=spec)  # fmt: skip
+        except SchedulerError as e:
+            return e.code, None
+        lease = getattr(admission, "lease", None)
+        return ("admitted", lease) if lease is not None else ("queued", None)
+
+    async def release(kernel_id: str) -> None:
+        await scheduler.release(kernel_id)
+
+    return decide, release
+
+
+async def measure(
+    scheduler: Scheduler, platform: PlatformConfig, decide: Decide, release: Release, *,
+    concurrency: int, decisions: int,
+) -> dict[str, Any]:  # fmt: skip
+    """Run the workload once; its latency summary, outcomes and over-commits."""
+    ledger, tally = Ledger(scheduler, platform), Tally(decisions)
+    began = time.perf_counter()
+    await asyncio.gather(*(_worker(seed, decide, release, ledger, tally)
+                           for seed in range(concurrency)))  # fmt: skip
+    wall = time.perf_counter() - began
+    problems = await over_commits(scheduler, platform)
+    result: dict[str, Any] = summarize(tally.samples, wall_s=wall)
+    result.update(concurrency=concurrency, outcomes=dict(tally.outcomes),
+                  over_commits=len(ledger.violations) + len(problems),
+                  problems=(ledger.violations + problems)[:10])  # fmt: skip
+    return result
+
+
+async def run(ctx: Context, results: dict[str, Any]) -> None:
+    """Admission at 1, 50 and 500 concurrent, in-process and over HTTP."""
+    plan = QUICK_DECISIONS if ctx.quick else DECISIONS
+    platform = bench_platform(users=USERS, cpus=64, gpus=8)
+    server = RedisServer(ctx.workdir / "redis-admission")
+    server.start()
+    try:
+        results["inprocess"], results["http"] = {}, {}
+        for level in LEVELS:
+            server.flush()
+            async with scheduler_on(server.url, platform) as scheduler:
+                decide, release = in_process(scheduler)
+                found = await measure(
+                    scheduler,
+                    platform,
+                    decide,
+                    release,
+                    concurrency=level,
+                    decisions=plan["inprocess"][level],
+                )
+                results["inprocess"][str(level)] = found
+                progress(f"admission in-process at {level}: p50 {found.get('p50_ms')} ms, "
+                         f"p99 {found.get('p99_ms')} ms, {found.get('per_s')}/s, "
+                         f"over-commits {found['over_commits']}")  # fmt: skip
+        await _over_http(ctx, server, platform, plan["http"], results["http"])
+    finally:
+        server.stop()
+
+
+async def _over_http(ctx: Context, server: RedisServer, platform: PlatformConfig,
+                     plan: dict[int, int], results: dict[str, Any]) -> None:  # fmt: skip
+    """The same workload through a real scheduler process's HTTP API."""
+    async with SchedulerProcess.started(ctx.workdir / "scheduler", platform,
+                                        redis_url=server.url) as process:  # fmt: skip
+        for level in LEVELS:
+            server.flush()
+            async with scheduler_on(server.url, platform) as reader, process.client(level) as api:
+                decide, release = api.decide, api.release
+                found = await measure(
+                    reader, platform, decide, release, concurrency=level, decisions=plan[level]
+                )
+            results[str(level)] = found
+            progress(f"admission over HTTP at {level}: p50 {found.get('p50_ms')} ms, "
+                     f"p99 {found.get('p99_ms')} ms, {found.get('per_s')}/s, "
+                     f"over-commits {found['over_commits']}")  # fmt: skip

@@ -1,0 +1,72 @@
+"""The bench cannot rot: its report renders, and a quick admission phase runs on real Redis."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from bench.admission import Ledger, in_process, measure
+from bench.report import markdown, targets, write_results
+from bench.scheduling import bench_platform, scheduler_on
+from scheduler.leases import Lease
+
+
+def _run() -> dict:
+    round_trip = {"raw": 6.0, "jupyter-server": 48.0, "stock-eg": 50.0, "kernelfleet": 7.5}
+    chains = {key: {"round_trip": {"n": 10, "p50_ms": ms, "p95_ms": ms * 2, "p99_ms": ms * 3,
+                                   "per_s": round(1000 / ms, 1)},
+                    "cold_start": {"n": 3, "p50_ms": 450.0, "p95_ms": 500.0}}
+              for key, ms in round_trip.items()}  # fmt: skip
+    chains["kernelfleet"]["warm_start"] = "n/a (warm pools: issue #4)"
+    return {
+        "started": "2026-11-22T22:00:00+0000", "command": "python -m bench --quick", "quick": True,
+        "seconds": 12.0, "errors": {},
+        "machine": {"cpu": "Test CPU", "cores": 2, "memory_gib": 8.0, "versions": {}},
+        "phases": {"latency": {"plan": {"starts": 3}, "chains": chains},
+                   "admission": {"inprocess": {"50": {"p50_ms": 2.0, "p99_ms": 4.0, "per_s": 900,
+                                                      "outcomes": {"admitted": 10},
+                                                      "over_commits": 0}}}},
+    }  # fmt: skip
+
+
+def test_report_renders_tables_ratios_and_targets(tmp_path: Path) -> None:
+    run = _run()
+    run["targets"] = targets(run)
+    met = {row["target"]: row["met"] for row in run["targets"]}
+    assert met["round trip p50 / raw ZMQ"] is True  # 7.5 / 6.0 = 1.25
+    assert met["stock EG round trip p50 / kernelfleet"] is True  # 50 / 7.5 = 6.7
+    assert met["users succeeding (kernelfleet)"] is None  # not run
+    text = markdown(run)
+    row = "| round trip `1+1` | 6.0 / 12.0 | 48.0 / 96.0 | 50.0 / 100.0 | 7.5 / 15.0 | 1.25x |"
+    assert row in text
+    assert "Test CPU, 2 cores" in text and "n/a (warm pools: issue #4)" in text
+    paths = write_results(_run(), tmp_path)
+    assert [p.name for p in paths][1] == "latest.md" and paths[0].suffix == ".json"
+
+
+async def test_quick_admission_phase_on_real_redis(redis_url: str) -> None:
+    platform = bench_platform(users=20, cpus=4, gpus=1)
+    began = time.monotonic()
+    async with scheduler_on(redis_url, platform) as scheduler:
+        decide, release = in_process(scheduler)
+        for concurrency, decisions in ((1, 30), (5, 150)):
+            found = await measure(scheduler, platform, decide, release,
+                                  concurrency=concurrency, decisions=decisions)  # fmt: skip
+            assert found["n"] == decisions == sum(found["outcomes"].values())
+            assert found["over_commits"] == 0, found["problems"]
+        # 5 workers for 4 CPUs: the pool refused some, and nothing was left leased
+        assert "pool_full" in found["outcomes"] or "quota_exceeded" in found["outcomes"]
+        assert await scheduler.leases.list() == []
+    assert time.monotonic() - began < 15
+
+
+async def test_the_ledger_sees_an_over_commit(redis_url: str) -> None:
+    """The client-side check is not vacuous: two 1-GPU leases in a 1-GPU pool are caught."""
+    platform = bench_platform(users=4, cpus=4, gpus=1)
+    async with scheduler_on(redis_url, platform) as scheduler:
+        ledger = Ledger(scheduler, platform)
+        for user in ("s0001", "s0003"):
+            ledger.admitted(Lease(kernel_id=user, user=user, kernelspec="python-gpu", pool="gpu",
+                                  cpus=1, memory=1, gpus=1, gpu_devices=[0], state="starting",
+                                  created=0, last_activity=0))  # fmt: skip
+    assert ledger.violations == ["pool gpu GPUs over capacity"]
