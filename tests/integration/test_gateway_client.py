@@ -164,13 +164,20 @@ async def test_cell_runs_and_round_trips_skip_nagle(stack: Stack) -> None:
         assert await run(ws, "1+1", session) == "2"
         for _ in range(3):  # warm up
             await run(ws, "1+1", session)
-        timings = []
-        for _ in range(20):
-            started = time.perf_counter()
-            assert await run(ws, "1+1", session) == "2"
-            timings.append((time.perf_counter() - started) * 1000)
-    p50 = statistics.median(timings)
-    assert p50 < 25, f"p50 {p50:.1f} ms: TCP_NODELAY/quick ACK missing on a hop? {timings}"
+        # Nagle adds ~40 ms to every round trip, so no batch gets under the bar with it on;
+        # the best of three batches keeps a burst of load elsewhere from failing this.
+        p50s = []
+        for _ in range(3):
+            timings = []
+            for _ in range(20):
+                started = time.perf_counter()
+                assert await run(ws, "1+1", session) == "2"
+                timings.append((time.perf_counter() - started) * 1000)
+            p50s.append(statistics.median(timings))
+            if p50s[-1] < 25:
+                break
+    p50 = min(p50s)
+    assert p50 < 25, f"p50 {p50:.1f} ms: TCP_NODELAY/quick ACK missing on a hop? {p50s}"
 
 
 async def test_browser_subprotocol_is_answered_on_first_handshake(stack: Stack) -> None:

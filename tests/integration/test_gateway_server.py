@@ -548,14 +548,21 @@ async def test_channels_set_tcp_nodelay(gateway: Gateway, api: Any) -> None:
     """With Nagle on, each reply waits for a delayed ACK: ~50 ms a round trip instead of ~10."""
     kernel_id = await start_kernel(api(ALICE))
     session = uuid.uuid4().hex
+    medians = []
     async with channels(gateway, kernel_id, ALICE, session) as ws:
         await execute(ws, "pass", session)
-        times = []
-        for i in range(15):
-            started = time.perf_counter()
-            await execute(ws, f"print({i})", session)
-            times.append(time.perf_counter() - started)
-    assert sorted(times)[len(times) // 2] < 0.035
+        # Nagle adds ~40 ms to every round trip, so no batch can get under the bar with it
+        # on; the best of three batches keeps a burst of load elsewhere from failing this.
+        for _ in range(3):
+            times = []
+            for i in range(15):
+                started = time.perf_counter()
+                await execute(ws, f"print({i})", session)
+                times.append(time.perf_counter() - started)
+            medians.append(sorted(times)[len(times) // 2])
+            if medians[-1] < 0.035:
+                break
+    assert min(medians) < 0.035, medians
 
 
 async def _raw_websocket(
