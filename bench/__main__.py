@@ -124,8 +124,9 @@ async def _run_phase(name: str, ctx: Context, run: dict[str, Any]) -> None:
              + (f" - {run['errors'][name]}" if name in run["errors"] else ""))  # fmt: skip
 
 
-async def run_bench(args: argparse.Namespace, run: dict[str, Any], reaper: Reaper,
-                    budget: Budget, workdir: Path) -> None:  # fmt: skip
+async def run_bench(
+    args: argparse.Namespace, run: dict[str, Any], budget: Budget, workdir: Path
+) -> None:
     """Every selected phase, then every chain stopped; results collected into ``run``."""
     task = asyncio.current_task()
     loop = asyncio.get_running_loop()
@@ -157,13 +158,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="kf-bench-"))
     run: dict[str, Any] = {
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "command": "python -m bench " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": " ".join(["python -m bench", *(sys.argv[1:] if argv is None else argv)]),
         "quick": args.quick, "users": args.users, "timeout_s": args.timeout,
         "phases": {}, "errors": {}, "machine": describe(),
     }  # fmt: skip
     try:
         with Watchdog(budget, reaper):
-            asyncio.run(run_bench(args, run, reaper, budget, workdir))
+            asyncio.run(run_bench(args, run, budget, workdir))
     finally:
         left = reaper.reap()
         if left:

@@ -227,6 +227,7 @@ class Chains:
         self._chains: dict[str, Chain] = {}
         self._stack: Stack | None = None
         self._lock = asyncio.Lock()
+        self._stack_lock = asyncio.Lock()
         self.kernel_dir = workdir / "jupyter"
         write_kernelspec(self.kernel_dir, BENCH_KERNEL, python=str(KERNEL_PYTHON))
 
@@ -286,16 +287,19 @@ class Chains:
 
     async def kernelfleet(self) -> Stack:
         """The platform (``kernelfleet up``) with the bench's simulated users."""
-        if self._stack is None:
-            folder = self.workdir / "kernelfleet"
-            folder.mkdir(parents=True, exist_ok=True)
-            config = write_test_config(folder,
-                                       **kernelfleet_overrides(self.users))  # fmt: skip
-            timeout = min(240.0, self._remaining())
-            stack = await asyncio.to_thread(start_stack, config, timeout=timeout)
-            self._exit.callback(stop_stack_process, stack.process)
-            self._stack = stack
+        async with self._stack_lock:
+            if self._stack is None:
+                self._stack = await self._start_stack()
         return self._stack
+
+    async def _start_stack(self) -> Stack:
+        folder = self.workdir / "kernelfleet"
+        folder.mkdir(parents=True, exist_ok=True)
+        config = write_test_config(folder, **kernelfleet_overrides(self.users))
+        timeout = min(240.0, self._remaining())
+        stack = await asyncio.to_thread(start_stack, config, timeout=timeout)
+        self._exit.callback(stop_stack_process, stack.process)
+        return stack
 
     async def hub_user(self, name: str) -> HubUser:
         """A logged-in browser session of ``name`` whose server is running."""

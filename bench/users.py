@@ -20,6 +20,7 @@ import asyncio
 import json
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +36,8 @@ from .stats import summarize
 from .stock_hub import running_stock_hub
 
 STEPS = ("login", "spawn", "kernel_start", "first_result")
+#: Seconds without a progress event after which the spawn's state is read from the hub API.
+QUIET_S = 10.0
 STOCK_NOTE = (
     "JupyterHub 6.1.1 + the same CHP, SimpleLocalProcessSpawner, jupyterhub-singleuser "
     "(JupyterLab 4) without gateway.client: local kernels from the same ipykernel; "
@@ -75,22 +78,48 @@ async def stop_server(user: HubUser, *, timeout: float = 30) -> None:
 async def spawn(user: HubUser, *, timeout: float) -> None:
     """Spawn ``user``'s server the way the hub's spawn page does: ``GET /hub/spawn``, then
     follow the progress event stream until ready (no polling), then load JupyterLab (the
-    OAuth dance gives the session the server's cookies)."""
+    OAuth dance gives the session the server's cookies). Should the stream fall silent for
+    :data:`QUIET_S`, the hub's user model is asked whether the server is ready meanwhile."""
     await user.http.get(f"/hub/spawn/{user.name}", follow_redirects=False)
     xsrf = {"X-XSRFToken": user.http.cookies.get("_xsrf", path="/hub/") or ""}
     progress_url = f"/hub/api/users/{user.name}/server/progress"
     async with user.http.stream("GET", progress_url, headers=xsrf, timeout=timeout) as events:
         if events.status_code != 200:
             raise RuntimeError(f"progress stream answered {events.status_code}")
-        async for line in events.aiter_lines():
-            event = json.loads(line[5:]) if line.startswith("data:") else {}
-            if event.get("failed"):
-                raise RuntimeError(f"spawn failed: {event.get('message', '')[:200]}")
-            if event.get("ready"):
-                break
+        reader = asyncio.ensure_future(_ready_event(events.aiter_lines()))
+        try:
+            while not await _ready(user, reader, xsrf):
+                pass
+        finally:
+            reader.cancel()
     page = await user.http.get(f"{user.server}/lab", follow_redirects=True)
     if page.status_code != 200 or not page.url.path.startswith(f"{user.server}/lab"):
         raise RuntimeError(f"JupyterLab answered {page.status_code} at {page.url.path}")
+
+
+async def _ready_event(lines: AsyncIterator[str]) -> bool:
+    """True at the progress stream's ready event; raises at a failed one; False if it ends."""
+    async for line in lines:
+        event = json.loads(line[5:]) if line.startswith("data:") else {}
+        if event.get("failed"):
+            raise RuntimeError(f"spawn failed: {event.get('message', '')[:200]}")
+        if event.get("ready"):
+            return True
+    return False
+
+
+async def _ready(user: HubUser, reader: asyncio.Future[bool], xsrf: dict[str, str]) -> bool:
+    """Whether the server is ready: the stream said so, or, when it was quiet for
+    :data:`QUIET_S` (or ended), the hub's user model says so."""
+    if not reader.done():
+        await asyncio.wait({reader}, timeout=QUIET_S)
+    if reader.done() and reader.result():
+        return True
+    if reader.done():  # ended without a word: poll, but not in a tight loop
+        await asyncio.sleep(1)
+    model = await user.http.get(f"/hub/api/users/{user.name}", headers=xsrf)
+    server = (model.json().get("servers") or {}).get("", {}) if model.is_success else {}
+    return bool(server.get("ready"))
 
 
 async def _morning(user: HubUser, kernel_name: str, journey: Journey, timeout: float,
