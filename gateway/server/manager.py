@@ -30,6 +30,7 @@ from enterprise_gateway.services.kernels.remotemanager import (
     RemoteMappingKernelManager,
 )
 from jupyter_client.kernelspec import NoSuchKernel
+from jupyter_server._tz import utcnow
 from tornado import web
 from traitlets import Bool, Float
 
@@ -107,6 +108,19 @@ class KernelfleetMappingKernelManager(LightActivityWatchMixin, RemoteMappingKern
         if kernel_id not in self:
             return False
         return identity.admin or self._owners.get(kernel_id) == identity.name
+
+    def kernel_model(self, kernel_id: str) -> dict[str, Any]:
+        """The kernel's JSON model, also while it is still starting.
+
+        jupyter_server 1.24 puts a kernel in the list before it sets ``last_activity`` and
+        ``execution_state`` (it awaits the kernel's readiness in between), so listing during
+        that window raised AttributeError: a 500 on the ``/api/kernels`` JupyterLab polls.
+        """
+        kernel = self._kernels.get(kernel_id)
+        if kernel is not None and not hasattr(kernel, "last_activity"):
+            kernel.last_activity = utcnow()
+            kernel.execution_state = "starting"
+        return dict(super().kernel_model(kernel_id))
 
     # -- start -------------------------------------------------------------------------------
 
