@@ -29,10 +29,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def targets_table(targets: list[dict[str, Any]]) -> str:
-    """One row per kernelspec: pool, target, where it comes from, spec default, pool limit."""
-    headers = ["KERNELSPEC", "POOL", "TARGET", "SOURCE", "SPEC", "MOST"]
-    rows = [[t["kernelspec"], t["pool"], t["target"], t["source"], t["spec_target"], t["most"]]
-            for t in targets]  # fmt: skip
+    """One row per kernelspec: pool, target, where it comes from, warm kernels now, spec
+    default, pool limit."""
+    headers = ["KERNELSPEC", "POOL", "TARGET", "SOURCE", "READY", "SPEC", "MOST"]
+    rows = [[t["kernelspec"], t["pool"], t["target"], t["source"], t.get("ready", 0),
+             t["spec_target"], t["most"]] for t in targets]  # fmt: skip
     return table(headers, rows) if rows else "No kernelspecs."
 
 

@@ -98,6 +98,7 @@ def admission_args(
     quota: Quota,
     now: float,
     deadline: float,
+    warm: bool = False,
 ) -> str:
     """``ARGV[1]`` of the ADMIT script (see :mod:`scheduler.lua` for the fields)."""
     res = spec.resources
@@ -108,7 +109,7 @@ def admission_args(
             "memory": res.memory, "gpus": res.gpus,
             "groups": json.dumps(sorted(set(groups))), "admin": admin,
             "now": now, "deadline": deadline, "window": GPU_WINDOW_S,
-            "quota": quota_limits(quota), "capacity": pool_capacity(pool),
+            "quota": quota_limits(quota), "capacity": pool_capacity(pool), "warm": warm,
         }
     )  # fmt: skip
 
@@ -158,21 +159,25 @@ class Admitter:
         kernelspec: str,
         admin: bool = False,
         wait_s: float = 0.0,
+        warm: bool = False,
     ) -> Admission | Queued:
         """Admit ``kernel_id`` of ``user`` from ``kernelspec``, queue it, or raise.
 
         With ``wait_s`` > 0 a request for a full pool waits in its queue (at most
-        ``max_wait_s``) instead of being refused with ``pool_full``.
+        ``max_wait_s``) instead of being refused with ``pool_full``. ``warm``: a warm-pool
+        kernel (``user`` is the warm pool's owner): it holds pool capacity, counts against no
+        quota and never queues (see :mod:`scheduler.warm`).
         """
-        spec = self.kernelspec(kernelspec, groups, admin=admin)
+        spec = self.kernelspec(kernelspec, groups, admin=admin or warm)
         pool = self._pools[spec.pool]
-        quota = effective_quota(self.quotas, user, groups)
+        quota = Quota() if warm else effective_quota(self.quotas, user, groups)
+        wait_s = 0.0 if warm else wait_s
         now = round(self._clock(), 3)
         wait = min(max(wait_s, 0.0), self.max_wait_s)
         deadline = round(now + wait, 3) if wait > 0 else 0.0
         args = admission_args(
             kernel_id, user=user, groups=groups, admin=admin, spec=spec, pool=pool,
-            quota=quota, now=now, deadline=deadline,
+            quota=quota, now=now, deadline=deadline, warm=warm,
         )  # fmt: skip
         script_keys = keys.ScriptKeys.for_kernel(kernel_id, user=user, pool=pool.name)
         with unavailable_as(self._location):

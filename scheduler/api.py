@@ -16,10 +16,11 @@ from . import messages, models
 from .activity import Report
 from .admission import Admission, Queued
 from .auth import Caller
-from .errors import UnknownLease
+from .errors import BadRequest, UnknownLease
 from .leases import Lease
 from .queue import Entry
 from .service import Scheduler
+from .warm import WARM_USER
 
 _ADMISSION_ERRORS = {
     202: {"model": models.QueuedResponse, "description": "waiting in the pool's queue"},
@@ -89,6 +90,9 @@ def v1_router(scheduler: Scheduler) -> APIRouter:
         ``wait_s`` a request for a full pool gets ``202`` and a place in the pool's fair queue.
         """
         who.require_service("admit kernels")
+        if body.user == WARM_USER:
+            raise BadRequest(f"{WARM_USER!r} is the warm pools' owner, not a user; warm "
+                             "kernels are admitted with POST /v1/warm-pools/{kernelspec}/kernels.")
         decision = await scheduler.admit(
             kernel_id=body.kernel_id, user=body.user, groups=body.groups,
             kernelspec=body.kernelspec, admin=body.admin, wait_s=wait_s,

@@ -130,3 +130,11 @@ class UnknownLease(SchedulerError):
 
     status = 404
     code = "unknown_lease"
+
+
+class BadRequest(SchedulerError):
+    """A request the scheduler cannot take as it is (the message says what to change)."""
+
+    status = 400
+    code = "bad_request"
+    retryable = False

@@ -44,6 +44,7 @@ from .eviction_policy import (
 from .leases import Lease
 from .service import Scheduler
 from .store import unavailable_as
+from .warm import WARM_USER
 
 log = logging.getLogger(__name__)
 
@@ -203,6 +204,9 @@ class Evictor:
         self, leases: list[Lease], warned: dict[str, Warning_], now: float
     ) -> list[tuple[Lease, Verdict]]:
         verdicts = []
+        # Warm kernels are idle by design and belong to nobody: the warm pool's target
+        # (0 while users wait for the pool) decides how many stay, not eviction.
+        leases = [lease for lease in leases if lease.user != WARM_USER]
         for lease in leases:
             spec = self.kernelspecs.get(lease.kernelspec)
             if spec is not None:

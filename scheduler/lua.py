@@ -219,10 +219,12 @@ if #existing > 0 then
   table.insert(existing, 1, 'exists')
   return existing
 end
-local admin = '0'
-if a.admin then admin = '1' end
-redis.call('HSET', K.profile, 'groups', a.groups, 'admin', admin, 'seen', ts(a.now))
-redis.call('ZADD', K.users, ts(a.now), a.user)
+if not a.warm then  -- warm kernels belong to nobody yet: no profile, not a user
+  local admin = '0'
+  if a.admin then admin = '1' end
+  redis.call('HSET', K.profile, 'groups', a.groups, 'admin', admin, 'seen', ts(a.now))
+  redis.call('ZADD', K.users, ts(a.now), a.user)
+end
 
 local entry = redis.call('HMGET', K.entry, 'state', 'member', 'user', 'kernelspec')
 if entry[1] == 'waiting' then
@@ -317,7 +319,8 @@ return {'left', position}
 
 # Release a lease: give back its counters and GPU devices, account its GPU time, keep a
 # stopped copy. ARGV: 1 kernel_id, 2 user, 3 pool (as read just before), 4 now, 5 reason,
-# 6 seconds to keep stopped leases, 7 GPU-hour window (s). Replies {'released'}, {'gone'},
+# 6 seconds to keep stopped leases, 7 GPU-hour window (s). Replies {'released', requests
+# waiting in the pool's queue, the lease's fields and values...}, {'gone'},
 # or {'moved'} (owner/pool changed since the caller read them: read again and retry).
 RELEASE = (
     _PRELUDE
@@ -363,7 +366,52 @@ redis.call('HSET', K.stopped, 'state', 'stopped', 'stopped', ts(now), 'stop_reas
 redis.call('EXPIRE', K.stopped, keep)
 redis.call('ZADD', K.stopped_index, ts(now), kid)
 redis.call('ZREMRANGEBYSCORE', K.stopped_index, '-inf', '(' .. ts(now - keep))
-return {'released'}
+return {'released', redis.call('ZCARD', K.queue), unpack(fields)}
+"""
+)
+
+# A user claims a warm kernel: the lease moves from the warm pool's owner to the user, if
+# the user's quota allows one more kernel like it. KEYS: the ScriptKeys of (kernel, claiming
+# user, pool), then the warm owner's user_leases, user_usage and gpu_running. ARGV[1]: JSON
+# {kernel_id, user, kernelspec, warm_user, groups, admin, now, window, quota}. Replies
+# {'claimed', devices}, {'gone'} (no such lease), {'taken'} (not warm, or another
+# kernelspec), or a 'quota' refusal. Pool usage does not change: the kernel already held it.
+CLAIM = (
+    _PRELUDE
+    + """
+local W = {user_leases = KEYS[#KEYS - 2], user_usage = KEYS[#KEYS - 1],
+           gpu_running = KEYS[#KEYS]}
+local a = cjson.decode(ARGV[1])
+local fields = redis.call('HGETALL', K.lease)
+if #fields == 0 then return {'gone'} end
+local lease = {}
+for i = 1, #fields, 2 do lease[fields[i]] = fields[i + 1] end
+if lease.user ~= a.warm_user or lease.kernelspec ~= a.kernelspec then return {'taken'} end
+a.cpus_milli, a.memory, a.gpus = num(lease.cpus_milli), num(lease.memory), num(lease.gpus)
+local admin = '0'
+if a.admin then admin = '1' end
+redis.call('HSET', K.profile, 'groups', a.groups, 'admin', admin, 'seen', ts(a.now))
+redis.call('ZADD', K.users, ts(a.now), a.user)
+local refusal = check_quota(a, redis.call('SCARD', K.user_queued))
+if refusal then return refusal end
+local kid, now = a.kernel_id, ts(a.now)
+redis.call('SREM', W.user_leases, kid)
+redis.call('SADD', K.user_leases, kid)
+local amounts = {kernels = 1, cpus_milli = a.cpus_milli, memory = a.memory, gpus = a.gpus}
+for field, amount in pairs(amounts) do
+  redis.call('HINCRBY', W.user_usage, field, int(-amount))
+  redis.call('HINCRBY', K.user_usage, field, int(amount))
+end
+if a.gpus > 0 then
+  redis.call('ZREM', W.gpu_running, int(a.gpus) .. '|' .. kid)
+  redis.call('ZADD', K.gpu_running, now, int(a.gpus) .. '|' .. kid)
+end
+-- The user's kernel starts now: its lifetime, idle time and GPU-hours count from the claim.
+redis.call('HSET', K.lease, 'user', a.user, 'created', now, 'last_activity', now,
+           'gpu_seconds_limit', int(a.quota.gpu_seconds), 'warm_since', lease.created,
+           'claimed', now)
+redis.call('ZADD', K.leases, now, kid)
+return {'claimed', lease.gpu_devices or ''}
 """
 )
 

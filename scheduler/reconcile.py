@@ -74,7 +74,8 @@ class EnterpriseGatewayClient:
             ) from e
 
     async def kernel_ids(self) -> set[str]:
-        response = await self._call("GET", "/api/kernels")
+        # include=warm: warm-pool kernels have no owner but hold leases
+        response = await self._call("GET", "/api/kernels?include=warm")
         body: Any = response.json() if response.status_code == 200 else None
         if not isinstance(body, list):
             raise GatewayUnavailable(

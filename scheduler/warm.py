@@ -1,36 +1,47 @@
-"""Warm-pool targets: how many pre-started, unowned kernels of each kernelspec EG keeps ready.
+"""Warm pools: pre-started, unowned kernels of each kernelspec, kept ready by EG.
 
-Each kernelspec's ``warm_target`` in spec.yaml is the default. Ops pin another value at run
-time (``kernelfleet warm set python-gpu 2``, ``PUT /v1/warm-pools/{kernelspec}``), kept in
-Redis (``kf:warm:targets``, kernelspec -> target) so every scheduler replica and restart
+**Targets.** Each kernelspec's ``warm_target`` in spec.yaml is the default. Ops pin another
+value at run time (``kernelfleet warm set python-gpu 2``, ``PUT /v1/warm-pools/{kernelspec}``),
+kept in Redis (``kf:warm:targets``, kernelspec -> target) so every scheduler replica and restart
 agrees; ``DELETE`` goes back to the spec's value. A target never exceeds what the
 kernelspec's pool could hold (its GPUs, CPUs or memory divided by one kernel's share), so a
-mistyped ``warm set python-gpu 20`` cannot claim more than the pool has.
+mistyped ``warm set python-gpu 20`` cannot claim more than the pool has. While users wait
+in a pool's queue, its kernelspecs' targets read 0 (``source: "pressure"``): EG stops the
+warm kernels there and their capacity goes to the users waiting.
 
 A kernelspec with ``warm_auto: {min, max, cold_start, window}`` and no pinned value gets
-:func:`auto_target` from the kernels started in the last ``window``.
+:func:`auto_target` from the kernels users started in the last ``window``.
 
-Not built yet (see docs/scheduler.md, "Warm pools"): EG's loop that keeps the pool at the
-target, warm leases and claims.
+**Warm leases.** EG admits each warm kernel as :data:`WARM_USER` (``warm`` admissions): the
+lease holds pool capacity (a warm GPU kernel holds its GPU) but no user's quota, and warm
+admissions never queue or jump a queue. **Claims.** A user's start claims one
+(:class:`WarmClaims`, the ``CLAIM`` script): the lease moves to the user atomically if their
+quota allows one more such kernel, and its lifetime, idle time and GPU-hours count from then.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from redis.asyncio import Redis
 
 from kernelfleet.kernelspecs.spec import KernelSpec, WarmAuto
 
-from . import keys
-from .errors import SchedulerError
-from .leases import LeaseStore
+from . import keys, lua
+from .admission import Admission, Admitter, kernel_env, quota_limits
+from .errors import SchedulerError, UnknownLease
+from .leases import GPU_WINDOW_S, LeaseStore
 from .pools import Pool
+from .quotas import effective_quota
 from .store import unavailable_as
+
+#: The owner of warm leases. Not a user: the API refuses admissions for this name.
+WARM_USER = "@warm"
 
 
 class BadWarmTarget(SchedulerError):
@@ -48,9 +59,10 @@ class WarmTarget:
     kernelspec: str
     pool: str
     target: int
-    source: Literal["spec", "manual", "auto"]
+    source: Literal["spec", "manual", "auto", "pressure"]
     spec_target: int
     most: int
+    ready: int = 0  # warm kernels EG holds now (their leases), claimable or starting
 
 
 def pool_room(spec: KernelSpec, pool: Pool) -> int:
@@ -121,18 +133,41 @@ class WarmTargets:
         leases = await self._leases.list() + await self._leases.list(state="stopped")
         counts: dict[str, int] = {}
         for lease in leases:
+            if lease.user == WARM_USER:
+                continue  # refills are not demand
             auto = autos.get(lease.kernelspec)
             if auto is not None and lease.created >= now - auto.window:
                 counts[lease.kernelspec] = counts.get(lease.kernelspec, 0) + 1
         return counts
 
     async def all(self) -> list[WarmTarget]:
-        """Every kernelspec's target, by name."""
+        """Every kernelspec's target, by name, with the warm kernels it has now."""
+        pools = sorted(self._pools)
         with unavailable_as(self._location):
-            pinned = await self._redis.hgetall(keys.WARM_TARGETS)
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.hgetall(keys.WARM_TARGETS)
+            for pool in pools:
+                pipe.zcard(keys.pool_queue(pool))
+            replies = await pipe.execute()
+        pinned, queued = replies[0], dict(zip(pools, replies[1:], strict=True))
         starts = await self._recent_starts()
-        return [self._target(spec, pinned.get(name), starts.get(name, 0))
-                for name, spec in sorted(self._kernelspecs.items())]  # fmt: skip
+        ready = await self._ready()
+        found = []
+        for name, spec in sorted(self._kernelspecs.items()):
+            target = self._target(spec, pinned.get(name), starts.get(name, 0))
+            if queued.get(spec.pool):  # users wait for this pool: they come first
+                target = replace(target, target=0, source="pressure")
+            found.append(replace(target, ready=ready.get(name, 0)))
+        return found
+
+    async def _ready(self) -> dict[str, int]:
+        """Warm leases per kernelspec."""
+        if self._leases is None:
+            return {}
+        counts: dict[str, int] = {}
+        for lease in await self._leases.list(user=WARM_USER):
+            counts[lease.kernelspec] = counts.get(lease.kernelspec, 0) + 1
+        return counts
 
     async def set(self, kernelspec: str, target: int) -> WarmTarget:
         """Pin ``kernelspec``'s target; BadWarmTarget if negative or beyond its pool."""
@@ -153,3 +188,64 @@ class WarmTargets:
         with unavailable_as(self._location):
             await self._redis.hdel(keys.WARM_TARGETS, kernelspec)
         return self._target(spec, None)
+
+
+class WarmTaken(SchedulerError):
+    """The kernel to claim is no longer warm (claimed by someone else, or another kind)."""
+
+    status = 409
+    code = "warm_taken"
+    retryable = True
+
+
+class WarmClaims:
+    """Moves warm leases to the users who claim them (one ``CLAIM`` round trip)."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        *,
+        admitter: Admitter,
+        leases: LeaseStore,
+        pools: Mapping[str, Pool],
+        location: str,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._admitter = admitter
+        self._leases = leases
+        self._pools = pools
+        self._location = location
+        self._clock = clock
+        self._script = redis.register_script(lua.CLAIM)
+
+    async def claim(
+        self, *, kernel_id: str, user: str, groups: list[str], kernelspec: str, admin: bool
+    ) -> Admission:
+        """Give the warm kernel ``kernel_id`` to ``user``, or raise why not.
+
+        KernelspecForbidden / QuotaExceeded as a cold start would; WarmTaken if it is not a
+        warm ``kernelspec`` kernel (any more); UnknownLease if it has no lease.
+        """
+        spec = self._admitter.kernelspec(kernelspec, groups, admin=admin)
+        pool = self._pools[spec.pool]
+        quota = effective_quota(self._admitter.quotas, user, groups)
+        args = json.dumps({
+            "kernel_id": kernel_id, "user": user, "kernelspec": spec.name,
+            "warm_user": WARM_USER, "groups": json.dumps(sorted(set(groups))), "admin": admin,
+            "now": round(self._clock(), 3), "window": GPU_WINDOW_S, "quota": quota_limits(quota),
+        })  # fmt: skip
+        script_keys = keys.ScriptKeys.for_kernel(kernel_id, user=user, pool=pool.name).as_list()
+        script_keys += [keys.user_leases(WARM_USER), keys.user_usage(WARM_USER),
+                        keys.user_gpu_running(WARM_USER)]  # fmt: skip
+        with unavailable_as(self._location):
+            reply = await self._script(keys=script_keys, args=[args])
+        if reply[0] == "gone":
+            raise UnknownLease(f"No live lease for kernel {kernel_id}.")
+        if reply[0] == "taken":
+            raise WarmTaken(f"Kernel {kernel_id} is not a warm {spec.name} kernel any more.")
+        if reply[0] != "claimed":
+            raise self._admitter.refusal(reply, spec=spec, groups=groups, admin=admin)
+        lease = await self._leases.get(kernel_id)
+        if lease is None:  # released between the claim and this read (the kernel died)
+            raise UnknownLease(f"No live lease for kernel {kernel_id}.")
+        return Admission(lease=lease, env=kernel_env(lease), created=False)

@@ -217,13 +217,15 @@ class KernelfleetGatewayApp(ComplianceSettings, EnterpriseGatewayApp):
     def start(self) -> None:
         """Serve; the audit trail's first record from this process marks the start."""
         ioloop.IOLoop.current().add_callback(self.kernel_manager.compliance.trail.gateway_started)
+        ioloop.IOLoop.current().add_callback(self.kernel_manager.warm.start)
         super().start()
 
     def shutdown(self) -> None:
         """Shut kernels down (releasing their leases), then close kernelfleet's HTTP clients."""
         self.kernel_manager.compliance.shutting_down = True
-        super().shutdown()
         loop = asyncio.get_event_loop()
+        loop.run_until_complete(self.kernel_manager.warm.stop())  # no refill while stopping
+        super().shutdown()
         loop.run_until_complete(self._close_clients())
 
     async def _close_clients(self) -> None:

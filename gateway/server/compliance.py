@@ -167,7 +167,12 @@ def audited_start(method: StartMethod) -> StartMethod:
         except GatewayError as e:
             await compliance.refused(identity, kernel_name, spec, e)
             raise
-        await compliance.started(kernel_id, identity, kernel_name, spec)
+        claims = getattr(getattr(self, "warm", None), "claimed", set())
+        if kernel_id in claims:
+            claims.discard(kernel_id)
+            await compliance.claimed(kernel_id, identity, kernel_name, spec)
+        else:
+            await compliance.started(kernel_id, identity, kernel_name, spec)
         return kernel_id
 
     return start  # type: ignore[return-value]

@@ -35,6 +35,11 @@ class GatewayError(web.HTTPError):
         self.code = code
         self.message = message
 
+    @property
+    def detail(self) -> str:
+        """What the gateway's log says about this error (``log_message``, formatted)."""
+        return str(self.log_message) % self.args if self.args else str(self.log_message)
+
 
 def error_body(status: int, exc: BaseException | None) -> dict[str, Any]:
     """The JSON body for an error response with ``status`` caused by ``exc`` (if any)."""

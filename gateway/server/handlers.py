@@ -66,6 +66,9 @@ class KernelCollectionMixin(KernelAccessMixin):
     async def get(self) -> None:
         km = self.kernel_manager
         models = [m for m in km.list_kernels() if km.may_access(m["id"], self.identity)]
+        if self.identity.admin and self.get_query_argument("include", "") == "warm":  # type: ignore[attr-defined]
+            # the scheduler's reconciliation: warm kernels hold leases too
+            models += [dict(m, warm=True) for m in km.list_kernels() if km.warm.is_warm(m["id"])]
         self.finish(json.dumps(models, default=date_default))  # type: ignore[attr-defined]
 
     async def post(self) -> None:

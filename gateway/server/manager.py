@@ -11,7 +11,9 @@
 - a full pool makes the start wait in the scheduler's queue (bounded by the kernel launch
   timeout); its kernels' activity (state, last activity, connections) goes to the scheduler
   in batches (:mod:`gateway.server.activity`), a death at once;
-- it records owners in memory (a restarted gateway forgets them; so does EG's kernel map).
+- it records owners in memory (a restarted gateway forgets them; so does EG's kernel map);
+- it keeps warm kernels (:mod:`gateway.server.warm`): a start claims a ready one of its
+  kernelspec when there is one, else starts cold.
 
 :class:`KernelfleetKernelManager` (one per kernel) applies the pinned env last, after the
 kernelspec's ``env`` and the client's ``KERNEL_*`` values, on every launch and restart.
@@ -42,6 +44,7 @@ from .identity import Identity
 from .policy import USERNAME_VAR, check_may_start, home_for, scheduler_kernelspec_name
 from .ports import DistinctPortsMixin
 from .scheduler import NoScheduler, Scheduler
+from .warm import WARM_VAR, WarmPool
 
 DEFAULT_LAUNCH_TIMEOUT_S = 30.0  # EG's own default (EG_KERNEL_LAUNCH_TIMEOUT)
 
@@ -80,8 +83,22 @@ class KernelfleetMappingKernelManager(LightActivityWatchMixin, RemoteMappingKern
         launch timeout: the client's KERNEL_LAUNCH_TIMEOUT, else EG's) instead of refusing.""",
     ).tag(config=True)
 
+    warm_interval = Float(
+        2.0,
+        help="""Seconds between warm-pool refills (targets come from the scheduler; a claim
+        refills at once). 0 keeps no warm kernels.""",
+    ).tag(config=True)
+
+    warm_claim_timeout = Float(
+        10.0,
+        help="""Seconds a claimed warm kernel may take to take on its user's env and home;
+        past that it is stopped and the start goes on cold.""",
+    ).tag(config=True)
+
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.warm = WarmPool(self, interval_s=self.warm_interval,
+                             claim_timeout_s=self.warm_claim_timeout)  # fmt: skip
         self.scheduler: Scheduler = NoScheduler()
         self.kernel_home_root = os.path.abspath(".kernelfleet/home")
         self._owners: dict[str, str] = {}
@@ -105,8 +122,8 @@ class KernelfleetMappingKernelManager(LightActivityWatchMixin, RemoteMappingKern
 
     def may_access(self, kernel_id: str, identity: Identity) -> bool:
         """Whether ``identity`` may see and use ``kernel_id`` (its owner, or an admin)."""
-        if kernel_id not in self:
-            return False
+        if kernel_id not in self or self.warm.is_warm(kernel_id):
+            return False  # warm kernels are nobody's until claimed
         return identity.admin or self._owners.get(kernel_id) == identity.name
 
     def kernel_model(self, kernel_id: str) -> dict[str, Any]:
@@ -143,6 +160,11 @@ class KernelfleetMappingKernelManager(LightActivityWatchMixin, RemoteMappingKern
         spec = self._kernelspec_dict(kernel_name)
         check_may_start(identity, kernel_name, spec)
         home = home_for(self.kernel_home_root, identity.name)
+        claimed = await self.warm.claim(identity, kernel_name=kernel_name, spec=spec, env=env,
+                                        home=home)  # fmt: skip
+        if claimed is not None:
+            self._start_activity()
+            return claimed
         kernel_id = str(uuid.uuid4())
         admitted_env = await self.scheduler.admit(
             kernel_id=kernel_id,
@@ -201,6 +223,50 @@ class KernelfleetMappingKernelManager(LightActivityWatchMixin, RemoteMappingKern
                 self.log.warning("Could not stop half-started kernel %s", kernel_id, exc_info=True)
         await self._forget(kernel_id)
 
+    # -- warm kernels (gateway.server.warm) ---------------------------------------------------
+
+    def inherited_env(self) -> dict[str, str]:
+        """The gateway's own variables a kernel inherits (EG's ``inherited_envs``)."""
+        names = getattr(self.parent, "inherited_envs", None) or []
+        return {name: os.environ[name] for name in names if name in os.environ}
+
+    def adopt(self, kernel_id: str, user: str) -> None:
+        """A claimed warm kernel now belongs to ``user``."""
+        self._owners[kernel_id] = user
+
+    def personalised(
+        self, kernel_id: str, *, env: dict[str, str], pinned: dict[str, str],
+        secret_env: dict[str, str], cwd: str,
+    ) -> None:  # fmt: skip
+        """A claimed kernel is its user's: a restart relaunches it with their env and home."""
+        km = self._kernels[kernel_id]
+        km.pinned_env = dict(pinned)
+        km.secret_env = dict(secret_env)
+        km.user_overrides.pop(WARM_VAR, None)
+        launch_args = getattr(km, "_launch_args", None)
+        if isinstance(launch_args, dict):
+            launch_args["cwd"] = cwd
+            launch_env = launch_args.get("env")
+            if isinstance(launch_env, dict):
+                launch_env.update({**env, **pinned})
+                launch_env.pop(WARM_VAR, None)
+
+    async def discard_warm(self, kernel_id: str) -> None:
+        """Stop a warm (or failed-claim) kernel and release its lease; no audit record."""
+        if kernel_id in self:
+            try:
+                await super().shutdown_kernel(kernel_id, now=True)
+            except Exception:
+                self.log.warning("Could not stop warm kernel %s", kernel_id, exc_info=True)
+        await self.scheduler.release(kernel_id)
+
+    async def abandon_claim(self, kernel_id: str) -> None:
+        """A claim failed before its kernel was handed over: stop it, forget its secrets."""
+        self._owners.pop(kernel_id, None)
+        self.compliance.values.discard(kernel_id)
+        self.compliance.take_secret_env(kernel_id)
+        await self.discard_warm(kernel_id)
+
     def _kernelspec_dict(self, kernel_name: str) -> dict[str, Any] | None:
         try:
             return self.kernel_spec_manager.get_kernel_spec(kernel_name).to_dict()
@@ -236,7 +302,8 @@ class KernelfleetMappingKernelManager(LightActivityWatchMixin, RemoteMappingKern
         self._forget_soon(kernel_id)
 
     def _forget_soon(self, kernel_id: str) -> None:
-        if kernel_id in self._owners and kernel_id not in self._releases:
+        known = kernel_id in self._owners or self.warm.is_warm(kernel_id)
+        if known and kernel_id not in self._releases:
             task = asyncio.ensure_future(self._forget(kernel_id))
             self._releases[kernel_id] = task
             task.add_done_callback(lambda _: self._releases.pop(kernel_id, None))
@@ -246,6 +313,8 @@ class KernelfleetMappingKernelManager(LightActivityWatchMixin, RemoteMappingKern
         if self._owners.pop(kernel_id, None) is not None:
             await self.scheduler.release(kernel_id)
             await self.compliance.ended(kernel_id)
+        elif await self.warm.forget(kernel_id):
+            await self.scheduler.release(kernel_id)
 
     async def wait_for_releases(self) -> None:
         """Wait for lease releases still in flight (at exit), then send the last activity."""
@@ -270,7 +339,7 @@ class KernelfleetMappingKernelManager(LightActivityWatchMixin, RemoteMappingKern
     def _activity_snapshot(self) -> dict[str, KernelActivity]:
         """State, last activity (unix s) and connections of the kernels started here."""
         snapshot = {}
-        for kernel_id in list(self._owners):
+        for kernel_id in list(self._owners) + self.warm.kernel_ids():
             km = self._kernels.get(kernel_id)
             if km is None:
                 continue  # still launching

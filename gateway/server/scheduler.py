@@ -14,6 +14,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 from typing import Any, Protocol
+from urllib.parse import quote
 
 import httpx
 
@@ -50,6 +51,22 @@ class Scheduler(Protocol):
         """Release a kernel's lease; never raises."""
         ...
 
+    async def warm_targets(self) -> dict[str, int] | None:
+        """Warm-pool targets by (scheduler) kernelspec name; None: use the kernelspecs' own
+        ``warm_target``. Raises GatewayError when the scheduler cannot say."""
+        ...
+
+    async def admit_warm(self, *, kernel_id: str, kernelspec: str) -> dict[str, str]:
+        """Admit a warm kernel (pool capacity, no user); its env, or GatewayError."""
+        ...
+
+    async def claim_warm(
+        self, *, kernel_id: str, user: str, groups: list[str], kernelspec: str, admin: bool
+    ) -> dict[str, str]:
+        """Give the warm ``kernel_id`` to ``user``: the env, or GatewayError (``warm_taken``
+        / ``unknown_lease``: claim another; a quota refusal: refuse the start)."""
+        ...
+
     async def report_activity(self, reports: list[dict[str, object]]) -> bool:
         """Send a batch of kernel activity reports; whether it was accepted. Never raises."""
         ...
@@ -70,6 +87,17 @@ class NoScheduler:
 
     async def release(self, kernel_id: str) -> None:
         return None
+
+    async def warm_targets(self) -> dict[str, int] | None:
+        return None
+
+    async def admit_warm(self, *, kernel_id: str, kernelspec: str) -> dict[str, str]:
+        return {}
+
+    async def claim_warm(
+        self, *, kernel_id: str, user: str, groups: list[str], kernelspec: str, admin: bool
+    ) -> dict[str, str]:
+        return {}
 
     async def report_activity(self, reports: list[dict[str, object]]) -> bool:
         return True
@@ -222,6 +250,43 @@ class SchedulerClient:
             )
         else:
             log.info("Released the lease of kernel %s", kernel_id)
+
+    async def warm_targets(self) -> dict[str, int] | None:
+        """GET /v1/warm-pools: each kernelspec's current target."""
+        try:
+            response = await self._client.get(f"{self.url}/v1/warm-pools")
+        except httpx.HTTPError as e:
+            raise _unreachable(f"GET /v1/warm-pools failed: {type(e).__name__}") from e
+        answer = _json_or_none(response)
+        pools = answer.get("warm_pools") if answer and response.status_code == 200 else None
+        if not isinstance(pools, list):
+            raise _unreachable(f"GET /v1/warm-pools answered {response.status_code}")
+        return {str(p["kernelspec"]): int(p["target"]) for p in pools
+                if isinstance(p, dict) and "kernelspec" in p and "target" in p}  # fmt: skip
+
+    async def admit_warm(self, *, kernel_id: str, kernelspec: str) -> dict[str, str]:
+        """POST /v1/warm-pools/{kernelspec}/kernels."""
+        path = f"/v1/warm-pools/{quote(kernelspec, safe='')}/kernels"
+        return await self._admitted(path, {"kernel_id": kernel_id}, kernel_id=kernel_id)
+
+    async def claim_warm(
+        self, *, kernel_id: str, user: str, groups: list[str], kernelspec: str, admin: bool
+    ) -> dict[str, str]:
+        """POST /v1/warm-pools/{kernelspec}/claims."""
+        path = f"/v1/warm-pools/{quote(kernelspec, safe='')}/claims"
+        body = {"kernel_id": kernel_id, "user": user, "groups": groups, "admin": admin}
+        return await self._admitted(path, body, kernel_id=kernel_id)
+
+    async def _admitted(self, path: str, body: dict[str, Any], *, kernel_id: str
+                        ) -> dict[str, str]:  # fmt: skip
+        try:
+            response = await self._client.post(f"{self.url}{path}", json=body)
+        except httpx.HTTPError as e:
+            raise _unreachable(f"POST {path} failed: {type(e).__name__}") from e
+        answer = _json_or_none(response)
+        if response.status_code in (200, 201) and answer and "lease" in answer:
+            return _admitted_env(answer)
+        raise _refusal(response.status_code, answer, kernel_id=kernel_id)
 
     async def aclose(self) -> None:
         """Close the HTTP client."""

@@ -155,7 +155,9 @@ def _kernelspec(root: Path, name: str, curated: dict[str, Any] | None, argv: lis
 class Gateway:
     """One EG process with kernelfleet's app; ``url``, ``home``, ``log`` for tests."""
 
-    def __init__(self, tmp: Path, hub_port: int, scheduler_port: int) -> None:
+    def __init__(
+        self, tmp: Path, hub_port: int, scheduler_port: int, extra_config: str = ""
+    ) -> None:
         self.tmp, self.port = tmp, _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.home = tmp / "home"
@@ -181,7 +183,7 @@ class Gateway:
             f"c.KernelfleetGatewayApp.kernel_home_root = '{self.home}'\n"
             "c.KernelSpecManager.ensure_native_kernel = False\n"
             "c.KernelRestarter.restart_limit = 1\n"
-            "c.KernelRestarter.time_to_dead = 0.5\n"
+            "c.KernelRestarter.time_to_dead = 0.5\n" + extra_config
         )
         env = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),

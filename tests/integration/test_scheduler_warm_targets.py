@@ -66,7 +66,7 @@ async def test_targets_beyond_the_pool_or_unknown_kernelspecs_are_refused(
 async def test_the_cli_table(client: httpx.AsyncClient) -> None:
     found = (await client.get("/v1/warm-pools")).json()["warm_pools"]
     lines = targets_table(found).splitlines()
-    assert lines[0].split() == ["KERNELSPEC", "POOL", "TARGET", "SOURCE", "SPEC", "MOST"]
+    assert lines[0].split() == ["KERNELSPEC", "POOL", "TARGET", "SOURCE", "READY", "SPEC", "MOST"]
     assert any(line.split()[:4] == ["python-gpu", "gpu", "1", "spec"] for line in lines)
 
 

@@ -1,0 +1,217 @@
+"""Warm pools through the real chain: scheduler process → Enterprise Gateway → kernels.
+
+python-cpu's spec.yaml asks for 2 warm kernels; the gateway refills every 0.3 s. Users
+start kernels over EG's REST API and run code over its websocket, as the notebook server
+does; the scheduler's API shows who holds each lease.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+import yaml
+
+from tests.integration.test_gateway_server import (
+    ALICE,
+    BOB,
+    CAROL,
+    GATEWAY_PYTHON,
+    GATEWAY_SERVICE,
+    SCHEDULER_TOKEN,
+    Gateway,
+    HubAPIStandIn,
+    _serve,
+    channels,
+    execute,
+    start_kernel,
+)
+from tests.integration.test_scheduler_durability import Stack
+from tests.support.ports import free_port
+from tests.support.redis_server import running_redis
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.skipif(not GATEWAY_PYTHON.exists(), reason="needs .venv-gateway")
+TARGET = 2
+WHO_AM_I = (
+    "import os; print(os.environ.get('KERNEL_USERNAME'), os.environ.get('HOME'), os.getcwd(),"
+    " os.environ.get('KERNEL_WARM'), os.environ.get('KERNEL_TEAM'), sep='|')"
+)
+
+
+def _warm_kernelspecs(folder: Path) -> Path:
+    specs = folder / "kernelspecs"
+    shutil.copytree(REPO / "kernelspecs", specs)
+    spec_file = specs / "python-cpu" / "spec.yaml"
+    spec = yaml.safe_load(spec_file.read_text())
+    spec.update(warm_target=TARGET)
+    spec_file.write_text(yaml.safe_dump(spec))
+    return specs
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gateway, Stack]]:
+    folder = tmp_path_factory.mktemp("warm")
+    hub, hub_port = _serve(HubAPIStandIn)
+    scheduler_port = free_port()
+    gateway = Gateway(
+        folder / "gateway", hub_port, scheduler_port,
+        extra_config="c.KernelfleetMappingKernelManager.warm_interval = 0.3\n"
+        "c.KernelfleetMappingKernelManager.warm_claim_timeout = 2.0\n",
+    )  # fmt: skip
+    with running_redis(folder / "redis") as redis:
+        config = {
+            "host": "127.0.0.1", "state_dir": "state",
+            "kernelspecs_dir": str(_warm_kernelspecs(folder)),
+            "ports": {"scheduler": scheduler_port, "redis": redis.port, "gateway": gateway.port,
+                      "hub_api": hub_port},
+            "pools": {"cpu": {"cpus": 8, "memory": "32Gi"},
+                      "gpu": {"cpus": 8, "memory": "32Gi", "gpus": 2, "simulated_gpus": True}},
+        }  # fmt: skip
+        (folder / "kernelfleet.yaml").write_text(yaml.safe_dump(config))
+        secrets = folder / "state" / "secrets"
+        secrets.mkdir(parents=True)
+        (secrets / "scheduler_token").write_text(SCHEDULER_TOKEN)
+        (secrets / "gateway_service_token").write_text(GATEWAY_SERVICE)
+        scheduler = Stack(folder=folder, redis=redis, port=scheduler_port)
+        scheduler.start()
+        try:
+            yield gateway, scheduler
+        finally:
+            gateway.stop()
+            scheduler.stop()
+            hub.shutdown()
+            hub.server_close()
+
+
+@pytest.fixture
+async def api(chain: tuple[Gateway, Stack]) -> AsyncIterator[dict[str, httpx.AsyncClient]]:
+    gateway, scheduler = chain
+
+    def client(url: str, token: str) -> httpx.AsyncClient:
+        return httpx.AsyncClient(base_url=url, timeout=60,
+                                 headers={"Authorization": f"token {token}"})  # fmt: skip
+
+    async with (
+        client(gateway.url, ALICE) as alice, client(gateway.url, BOB) as bob,
+        client(gateway.url, CAROL) as carol, client(gateway.url, GATEWAY_SERVICE) as service,
+        client(scheduler.url, SCHEDULER_TOKEN) as ops,
+    ):  # fmt: skip
+        yield {"alice": alice, "bob": bob, "carol": carol, "service": service, "ops": ops}
+
+
+async def warm_ids(api: dict[str, httpx.AsyncClient]) -> set[str]:
+    """The ready warm kernels, as the scheduler's reconciliation sees them."""
+    listed = (await api["service"].get("/api/kernels", params={"include": "warm"})).json()
+    return {k["id"] for k in listed if k.get("warm")}
+
+
+async def full(api: dict[str, httpx.AsyncClient], timeout: float = 60) -> set[str]:
+    """Wait until the pool holds its target of ready kernels (scheduler and EG agree)."""
+    async with asyncio.timeout(timeout):
+        while True:
+            pools = (await api["ops"].get("/v1/warm-pools")).json()["warm_pools"]
+            ready = next(p["ready"] for p in pools if p["kernelspec"] == "python-cpu")
+            ids = await warm_ids(api)
+            if ready == TARGET and len(ids) == TARGET:
+                return ids
+            await asyncio.sleep(0.2)
+
+
+async def who_is(gateway: Gateway, kernel_id: str, token: str) -> list[str]:
+    session = uuid.uuid4().hex
+    async with channels(gateway, kernel_id, token, session) as ws:
+        return (await execute(ws, WHO_AM_I, session)).strip().split("|")
+
+
+async def test_the_pool_fills_and_its_kernels_are_nobodys(
+    chain: tuple[Gateway, Stack], api: dict[str, httpx.AsyncClient]
+) -> None:
+    gateway, _ = chain
+    warm = await full(api)
+    for user in ("alice", "carol"):  # carol is an admin: she does not see them either
+        assert (await api[user].get("/api/kernels")).json() == []
+    some = next(iter(warm))
+    assert (await api["carol"].get(f"/api/kernels/{some}")).status_code == 404
+    assert (await api["carol"].delete(f"/api/kernels/{some}")).status_code == 404
+    leases = (await api["ops"].get("/v1/leases", params={"kernelspec": "python-cpu"})).json()
+    assert {lease["kernel_id"] for lease in leases["leases"]} == warm
+    assert {lease["user"] for lease in leases["leases"]} == {"@warm"}
+    alice_usage = (await api["ops"].get("/v1/users/alice/usage")).json()["used"]
+    assert alice_usage["kernels"] == 0
+
+
+async def test_a_claim_hands_over_a_personalised_kernel_and_the_pool_refills(
+    chain: tuple[Gateway, Stack], api: dict[str, httpx.AsyncClient]
+) -> None:
+    gateway, _ = chain
+    warm = await full(api)
+    alices = await start_kernel(api["alice"], "python-cpu", KERNEL_TEAM="analytics")
+    assert alices in warm  # claimed, not cold-started
+    home = str(gateway.home / "alice")
+    assert await who_is(gateway, alices, ALICE) == ["alice", home, home, "None", "analytics"]
+    session = uuid.uuid4().hex
+    async with channels(gateway, alices, ALICE, session) as ws:
+        # the setup ran silently: not in the history, nothing left in the namespace
+        code = "print(any('__kf_os' in c for c in In), '__kf_os' in dir())"
+        assert (await execute(ws, code, session)).split() == ["False", "False"]
+    lease = (await api["ops"].get(f"/v1/leases/{alices}")).json()
+    assert lease["user"] == "alice"
+    assert [k["id"] for k in (await api["alice"].get("/api/kernels")).json()] == [alices]
+
+    ready = await warm_ids(api)  # one left, perhaps one refilled already
+    bobs = await start_kernel(api["bob"], "python-cpu")
+    assert bobs in ready and bobs != alices  # the next claim gets another warm kernel
+    bob_home = str(gateway.home / "bob")
+    assert (await who_is(gateway, bobs, BOB))[:3] == ["bob", bob_home, bob_home]
+    assert (await api["alice"].get(f"/api/kernels/{bobs}")).status_code == 404
+
+    refilled = await full(api)
+    assert not refilled & {alices, bobs}  # a warm kernel serves one user, once
+    for kernel_id, client in ((alices, api["alice"]), (bobs, api["bob"])):
+        assert (await client.delete(f"/api/kernels/{kernel_id}")).status_code == 204
+
+
+async def test_a_kernel_that_cannot_be_personalised_is_discarded_for_a_cold_start(
+    chain: tuple[Gateway, Stack], api: dict[str, httpx.AsyncClient]
+) -> None:
+    gateway, _ = chain
+    warm = await full(api)
+    hung = [p for p in psutil.process_iter() if _kernel_id(p) in warm]
+    assert len(hung) == TARGET
+    for process in hung:  # every warm kernel stops answering
+        os.kill(process.pid, signal.SIGSTOP)
+    try:
+        kernel_id = await start_kernel(api["alice"], "python-cpu")
+        assert kernel_id not in warm  # started cold after the claim timed out
+        home = str(gateway.home / "alice")
+        assert (await who_is(gateway, kernel_id, ALICE))[:3] == ["alice", home, home]
+        async with asyncio.timeout(10):  # the one it tried is stopped and its lease released
+            while True:
+                leases = (await api["ops"].get("/v1/leases")).json()["leases"]
+                live = {lease["kernel_id"] for lease in leases}
+                if len(warm - live) == 1:
+                    break
+                await asyncio.sleep(0.2)
+        assert (await api["alice"].delete(f"/api/kernels/{kernel_id}")).status_code == 204
+    finally:
+        for process in hung:
+            try:
+                os.kill(process.pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+
+
+def _kernel_id(process: psutil.Process) -> str:
+    try:
+        return process.environ().get("KERNEL_ID", "")
+    except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
+        return ""
