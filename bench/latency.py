@@ -5,7 +5,10 @@ Figures, for every chain of :mod:`bench.chains`:
 - ``cold_start``: ``POST /api/kernels`` (raw: ``start_kernel()``) until the first
   ``kernel_info_reply`` on a freshly opened channels websocket (raw: ZMQ shell socket);
   one unrecorded start per chain first, so servers' one-time set-up is not counted;
-- ``warm_start``: not measured until warm pools exist (issue #4);
+- ``warm_start`` (kernelfleet only): the same, claiming a warm kernel: the kernelspec's warm
+  target is pinned to :data:`WARM_TARGET` and every sample waits until the pool is full
+  again and checks that the kernel it got was one of the warm ones (a cold start would not
+  count); the target is reset afterwards, before the message figures;
 - ``round_trip``: ``1+1`` executed one after another, request sent until reply *and*
   ``idle`` arrived; ``per_s`` is round trips per second of wall time;
 - ``output_1mb``: ``print`` of 1 MiB, until all of it arrived;
@@ -17,17 +20,21 @@ load on this shared machine hits every chain alike instead of skewing one of the
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 from typing import Any
 
-from .chains import CHAIN_LABELS, Chain
+import httpx
+
+from .chains import CHAIN_LABELS, KERNELFLEET_KERNEL, Chain
 from .context import Context
 from .kernels import Kernel
 from .runtime import progress
 from .stats import summarize
 
-WARM_POOLS_NOTE = "n/a (warm pools: issue #4)"
+WARM_POOLS_NOTE = "n/a (no warm pools)"
+WARM_TARGET = 2
 ONE_MB = 1 << 20
 BIG_OUTPUT = f"print('x' * {ONE_MB - 1})"
 LINES = 10_000
@@ -60,6 +67,40 @@ async def _cold_starts(chain: Chain, count: int, samples: list[float]) -> None:
         await chain.stop_kernel(kernel)
 
 
+async def _warm_starts(ctx: Context, chain: Chain, count: int, samples: list[float]) -> None:
+    """Starts that claim a warm kernel, each from a full pool (see the module docstring)."""
+    stack = await ctx.chains.kernelfleet()
+    auth = {"Authorization": f"token {stack.secret('scheduler_token')}"}
+    kernelspec = KERNELFLEET_KERNEL
+    async with httpx.AsyncClient(base_url=stack.scheduler_url, headers=auth, timeout=30) as ops:
+        answer = await ops.put(f"/v1/warm-pools/{kernelspec}", json={"target": WARM_TARGET})
+        answer.raise_for_status()
+        try:
+            for _ in range(count):
+                ready = await _full_pool(ops, kernelspec)
+                seconds, kernel = await chain.start_kernel(timeout=OP_TIMEOUT_S)
+                await chain.stop_kernel(kernel)
+                if kernel.kernel_id not in ready:
+                    raise RuntimeError(f"warm start got kernel {kernel.kernel_id}, not a warm one")
+                samples.append(seconds)
+        finally:
+            await ops.delete(f"/v1/warm-pools/{kernelspec}")
+
+
+async def _full_pool(ops: httpx.AsyncClient, kernelspec: str) -> set[str]:
+    """Wait until ``kernelspec`` has :data:`WARM_TARGET` warm kernels; their ids."""
+    async with asyncio.timeout(OP_TIMEOUT_S):
+        while True:
+            leases = (
+                await ops.get("/v1/leases", params={"user": "@warm", "kernelspec": kernelspec})
+            ).json()
+            ready = {lease["kernel_id"] for lease in leases["leases"] if lease["state"] == "idle"}
+            if len(ready) >= WARM_TARGET:
+                await asyncio.sleep(0.5)  # the refill's CPU burst has passed
+                return ready
+            await asyncio.sleep(0.1)
+
+
 async def _round_trips(kernel: Kernel, count: int, samples: list[float]) -> None:
     for _ in range(count):
         began = time.perf_counter()
@@ -82,7 +123,7 @@ async def _timed_output(kernel: Kernel, code: str, check: str, samples: list[flo
 class Samples:
     """Raw samples per chain and figure, summarized into the phase's results as they come."""
 
-    FIGURES = ("cold_start", "round_trip", "output_1mb", "stream_10k")
+    FIGURES = ("cold_start", "warm_start", "round_trip", "output_1mb", "stream_10k")
 
     def __init__(self, keys: list[str], results: dict[str, Any]) -> None:
         self.raw: dict[str, dict[str, list[float]]] = {
@@ -118,6 +159,11 @@ async def run(ctx: Context, results: dict[str, Any]) -> None:
             for key, chain in started.items():
                 await _cold_starts(chain, per_round, samples.raw[key]["cold_start"])
                 samples.publish(key)
+        if "kernelfleet" in started:
+            progress(f"latency: {plan.starts} warm starts on kernelfleet")
+            warm = samples.raw["kernelfleet"]["warm_start"]
+            await _warm_starts(ctx, started["kernelfleet"], plan.starts, warm)
+            samples.publish("kernelfleet")
         await _messages(kernels, samples, plan)
     finally:
         for key, kernel in kernels.items():

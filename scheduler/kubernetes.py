@@ -40,10 +40,11 @@ from .admission import Admission
 from .errors import SchedulerError
 from .kubernetes_nodes import LivePools, NodeWatch
 from .kubernetes_pods import FailStart, PodWatch, StartFailure
-from .kubernetes_warm import PlaceholderScaler, Targets, static_targets
+from .kubernetes_warm import PlaceholderScaler, Targets, live_targets, static_targets
 from .kubernetes_watch import KubeClient, connect
 from .leases import Lease
 from .store import unavailable_as
+from .warm import WarmTargets
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +148,7 @@ class KubernetesBackend:
         self.settings = settings or kubernetes_settings(platform)
         self.nodes = NodeWatch(kube, platform, self.settings)
         self.targets = targets or static_targets(kernelspecs)
+        self._live_targets = targets is None  # follow ops' targets once attached
         self.failures: StartFailures | None = None
         self.pod_watch: PodWatch | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -179,6 +181,12 @@ class KubernetesBackend:
             release=lambda kernel_id: scheduler.release(kernel_id, reason="start_failed"),
         )
         self.pod_watch = PodWatch(self.kube, self.settings, on_failure=fail)
+        if self._live_targets:
+            self.targets = live_targets(WarmTargets(
+                scheduler.redis, kernelspecs=scheduler.admitter.kernelspecs,
+                pools=scheduler.pools, location=scheduler.location, leases=scheduler.leases,
+                clock=scheduler.clock,
+            ))  # fmt: skip
         scaler = PlaceholderScaler(self.kube, self.settings, targets=self.targets)
         # More room (a node came up): requests queued for a full pool may be admitted now.
         self.nodes.on_change = lambda: self._spawn(scheduler.promote_all(), "promote")

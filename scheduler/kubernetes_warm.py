@@ -6,8 +6,10 @@ sized like the pool's largest kernelspec, with a PriorityClass below every kerne
 pods preempt them at once, and the room they hold keeps nodes up (and a cluster autoscaler
 adds nodes for placeholders that do not fit), so the next kernels start without waiting
 for a node. :class:`PlaceholderScaler` sets each Deployment's replicas to the sum of the
-warm targets of the pool's kernelspecs, every ``warm_sync_s``; targets come from a callable,
-so they can follow what ops set at run time.
+warm targets of the pool's kernelspecs, every ``warm_sync_s``; targets come from a callable:
+once attached to a scheduler, :func:`live_targets` (what ops pinned, auto mode, 0 while users
+wait for the pool). Warm kernels are pods of their own (EG keeps them, gateway.server.warm):
+the placeholders are the headroom that lets the pool refill without waiting for a node.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
 from kernelfleet.kernelspecs.spec import KernelSpec
 from kernelfleet.kubernetes_settings import KubernetesSettings, placeholder_name
@@ -32,6 +35,18 @@ def warm_targets_by_pool(kernelspecs: Mapping[str, KernelSpec]) -> dict[str, int
     for spec in kernelspecs.values():
         targets[spec.pool] = targets.get(spec.pool, 0) + spec.warm_target
     return targets
+
+
+def live_targets(warm: Any) -> Targets:
+    """Targets per pool from a :class:`scheduler.warm.WarmTargets` (read on every sync)."""
+
+    async def read() -> Mapping[str, int]:
+        targets: dict[str, int] = {}
+        for target in await warm.all():
+            targets[target.pool] = targets.get(target.pool, 0) + target.target
+        return targets
+
+    return read
 
 
 def static_targets(kernelspecs: Mapping[str, KernelSpec]) -> Targets:

@@ -95,10 +95,18 @@ class KernelfleetMappingKernelManager(LightActivityWatchMixin, RemoteMappingKern
         past that it is stopped and the start goes on cold.""",
     ).tag(config=True)
 
+    warm_refill_delay = Float(
+        1.0,
+        help="""Seconds after a claim before the warm pool starts its replacement (a kernel
+        start takes a core for about half a second, which the claimed kernel's first
+        messages need more).""",
+    ).tag(config=True)
+
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.warm = WarmPool(self, interval_s=self.warm_interval,
-                             claim_timeout_s=self.warm_claim_timeout)  # fmt: skip
+                             claim_timeout_s=self.warm_claim_timeout,
+                             refill_delay_s=self.warm_refill_delay)  # fmt: skip
         self.scheduler: Scheduler = NoScheduler()
         self.kernel_home_root = os.path.abspath(".kernelfleet/home")
         self._owners: dict[str, str] = {}

@@ -106,10 +106,11 @@ class WarmPool:
 
     def __init__(
         self, manager: KernelfleetMappingKernelManager, *, interval_s: float,
-        claim_timeout_s: float = 10.0,
+        claim_timeout_s: float = 10.0, refill_delay_s: float = 1.0,
     ) -> None:  # fmt: skip
         self._manager = manager
         self.interval_s = interval_s
+        self.refill_delay_s = refill_delay_s
         self.claim_timeout_s = claim_timeout_s
         self.ready: dict[str, list[WarmKernel]] = {}  # kernel name -> oldest first
         self.starting: dict[str, str] = {}  # kernel id -> kernel name
@@ -142,9 +143,12 @@ class WarmPool:
         if self._task is None and self.interval_s > 0:
             self._task = asyncio.ensure_future(self._run())
 
-    def wake(self) -> None:
-        """Refill now rather than at the next interval."""
-        self._wake.set()
+    def wake(self, after_s: float = 0.0) -> None:
+        """Refill in ``after_s`` seconds rather than at the next interval."""
+        if after_s > 0:
+            asyncio.get_running_loop().call_later(after_s, self._wake.set)
+        else:
+            self._wake.set()
 
     async def stop(self) -> None:
         """Stop refilling and close the kept connections (EG stops the kernels at exit)."""
@@ -242,6 +246,7 @@ class WarmPool:
         finally:
             self.starting.pop(kernel_id, None)
         self._problems.pop(kernel_name, None)
+        manager._start_activity()  # the scheduler learns the kernel is up (lease state)
         self.ready.setdefault(kernel_name, []).append(
             WarmKernel(kernel_id, kernel_name, client, time.time())
         )
@@ -255,13 +260,21 @@ class WarmPool:
         client = km.client()
         client.start_channels(shell=True, iopub=False, stdin=False, hb=False, control=False)
         try:
-            await client.kernel_info(reply=True, timeout=READY_TIMEOUT_S)
+            info = await client.kernel_info(reply=True, timeout=READY_TIMEOUT_S)
             # The first execution of a fresh IPython is the slow one: not on the claim's path.
             await client.execute("pass", silent=True, store_history=False, reply=True,
-                                 timeout=READY_TIMEOUT_S)  # fmt: skip
+                                 user_expressions=CHECKS, timeout=READY_TIMEOUT_S)  # fmt: skip
         except BaseException:
             client.stop_channels()
             raise
+        # It answered and finished: idle. (EG's IOPub watch may have subscribed too late to
+        # see these first status messages, and nothing else runs on a warm kernel.)
+        km.execution_state = "idle"
+        # jupyter_server asks a kernel for its protocol version once, on the first channels
+        # connection, and keeps the answer here; this one already answered.
+        known: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        known.set_result(dict(info.get("content") or {}))
+        km._kernel_info_future = known
         return client
 
     def _problem(self, kernel_name: str, text: str) -> None:
@@ -291,7 +304,9 @@ class WarmPool:
         kernels = self.ready.get(kernel_name)
         while kernels:
             warm = kernels.pop(0)
-            self.wake()
+            # Not at once: starting a kernel takes a core for ~0.5 s, which the user's first
+            # messages to the claimed kernel need more.
+            self.wake(after_s=self.refill_delay_s)
             try:
                 admitted = await manager.scheduler.claim_warm(
                     kernel_id=warm.kernel_id, user=identity.name, groups=sorted(identity.groups),

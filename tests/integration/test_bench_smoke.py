@@ -17,7 +17,7 @@ def _run() -> dict:
                                    "per_s": round(1000 / ms, 1)},
                     "cold_start": {"n": 3, "p50_ms": 450.0, "p95_ms": 500.0}}
               for key, ms in round_trip.items()}  # fmt: skip
-    chains["kernelfleet"]["warm_start"] = "n/a (warm pools: issue #4)"
+    chains["kernelfleet"]["warm_start"] = {"n": 3, "p50_ms": 40.0, "p95_ms": 170.0}
     return {
         "started": "2026-11-22T22:00:00+0000", "command": "python -m bench --quick", "quick": True,
         "seconds": 12.0, "errors": {},
@@ -36,10 +36,13 @@ def test_report_renders_tables_ratios_and_targets(tmp_path: Path) -> None:
     assert met["round trip p50 / raw ZMQ"] is True  # 7.5 / 6.0 = 1.25
     assert met["stock EG round trip p50 / kernelfleet"] is True  # 50 / 7.5 = 6.7
     assert met["users succeeding (kernelfleet)"] is None  # not run
+    assert met["warm start p50, ms (issue #4)"] is True  # 40 <= 60
+    assert met["warm start p95, ms (issue #4)"] is False  # 170 > 150
     text = markdown(run)
     row = "| round trip `1+1` | 6.0 / 12.0 | 48.0 / 96.0 | 50.0 / 100.0 | 7.5 / 15.0 | 1.25x |"
     assert row in text
-    assert "Test CPU, 2 cores" in text and "n/a (warm pools: issue #4)" in text
+    assert "Test CPU, 2 cores" in text
+    assert "| kernel start, warm (baselines: none) | - | - | - | 40.0 / 170.0 | |" in text
     paths = write_results(_run(), tmp_path)
     assert [p.name for p in paths][1] == "latest.md" and paths[0].suffix == ".json"
 

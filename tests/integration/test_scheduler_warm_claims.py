@@ -16,8 +16,9 @@ import pytest
 from kernelfleet.kernelspecs.spec import WarmAuto
 from scheduler.app import create_app
 from scheduler.eviction import Evictor
+from scheduler.kubernetes_warm import live_targets
 from scheduler.service import Scheduler
-from scheduler.warm import WARM_USER
+from scheduler.warm import WARM_USER, WarmTargets
 from tests.integration.test_scheduler_queue import KERNELSPECS, PLATFORM, ManualClock, admit
 
 MakeScheduler = Callable[..., Scheduler]
@@ -179,3 +180,16 @@ async def test_warm_kernels_are_not_idle_evicted_and_are_not_demand(
     evictor = Evictor(scheduler, Gateway(), kernelspecs=specs)
     assert await evictor.sweep() == []
     assert len(await scheduler.leases.list(user=WARM_USER)) == 2
+
+
+async def test_kubernetes_placeholders_follow_the_targets_ops_pin(
+    ops: httpx.AsyncClient, scheduler: Scheduler
+) -> None:
+    read = live_targets(WarmTargets(
+        scheduler.redis, kernelspecs=scheduler.admitter.kernelspecs, pools=scheduler.pools,
+        location=scheduler.location, leases=scheduler.leases,
+    ))  # fmt: skip
+    assert await read() == {"cpu": 0, "gpu": 0}  # the specs' defaults
+    await ops.put("/v1/warm-pools/python-gpu", json={"target": 1})
+    await ops.put("/v1/warm-pools/python-cpu", json={"target": 2})
+    assert await read() == {"cpu": 2, "gpu": 1}

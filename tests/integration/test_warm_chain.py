@@ -115,13 +115,16 @@ async def warm_ids(api: dict[str, httpx.AsyncClient]) -> set[str]:
 
 
 async def full(api: dict[str, httpx.AsyncClient], timeout: float = 60) -> set[str]:
-    """Wait until the pool holds its target of ready kernels (scheduler and EG agree)."""
+    """Wait until the pool holds its target of ready kernels (scheduler and EG agree, and
+    EG's activity reports made their leases idle)."""
     async with asyncio.timeout(timeout):
         while True:
             pools = (await api["ops"].get("/v1/warm-pools")).json()["warm_pools"]
             ready = next(p["ready"] for p in pools if p["kernelspec"] == "python-cpu")
+            leases = (await api["ops"].get("/v1/leases", params={"user": "@warm"})).json()
+            idle = {lease["kernel_id"] for lease in leases["leases"] if lease["state"] == "idle"}
             ids = await warm_ids(api)
-            if ready == TARGET and len(ids) == TARGET:
+            if ready == TARGET and len(ids) == TARGET and idle == ids:
                 return ids
             await asyncio.sleep(0.2)
 
