@@ -165,6 +165,9 @@ class AuditChannelsMixin:
         request = execution_of(message, notebook_path=path) if message else None
         if request is None:
             return super().on_message(ws_msg)  # type: ignore[misc]
+        if message is not None and message.header.get("msg_type") == "execute_request":
+            # notices to this client go under the cell it ran last (eviction_notice.py)
+            self.kf_last_execute = dict(message.header)
         trail = self.kernel_manager.compliance.trail
         context = trail.context(self.kernel_id) or self._kf_adopt(trail)
         waiter = trail.execution_requested(context, self.identity, request)

@@ -5,8 +5,10 @@ warnings ("This GPU kernel has been idle for 25 minutes...") and, after an evict
 note for the user's next kernel ("Your python-gpu kernel was stopped at 14:02 after 30 min
 idle."). Each becomes a ``stream`` message (``name: stderr``) on the kernel's IOPub channel,
 written to every websocket client connected to that kernel, in the client's own protocol
-(JSON, or ``v1.kernel.websocket.jupyter.org`` binary). It has no parent header: JupyterLab
-shows such output in the Log Console (not under a cell); ``jupyter console`` prints it.
+(JSON, or ``v1.kernel.websocket.jupyter.org`` binary). Its parent header is that client's
+last ``execute_request``, so JupyterLab shows it under the cell the user ran last, as it
+does for output of a background thread (a client that ran nothing yet gets it without a
+parent: JupyterLab's Log Console; ``jupyter console`` prints it either way).
 
 The message is written by the gateway, not sent by the kernel, so it is not kernel
 activity and cannot keep a kernel alive. When no client is connected yet (a note for a
@@ -52,7 +54,8 @@ def deliver(handlers: Iterable[Any], text: str) -> int:
         if getattr(handler, "ws_connection", None) is None:
             continue
         try:
-            handler.write_stderr(text, {})  # builds the stream message in the client's protocol
+            # builds the stream message in the client's protocol
+            handler.write_stderr(text, getattr(handler, "kf_last_execute", {}))
         except Exception:  # a closing socket: the others still get it
             continue
         delivered += 1

@@ -1,12 +1,13 @@
 """A person's path through the whole platform in headless Chromium: log in to the hub as
 carol, get JupyterLab, start python-gpu from the launcher, run a cell, see the GPU device
-the scheduler assigned."""
+the scheduler assigned, and see an eviction warning under that cell."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
+import httpx
 import pytest
 
 from .stack import HubUser, Stack
@@ -19,6 +20,24 @@ pytestmark = [
     pytest.mark.browser,
     pytest.mark.skipif(not CHROMIUM.exists(), reason=f"no Chromium at {CHROMIUM}"),
 ]
+
+
+NOTICE = "kernelfleet: this GPU kernel has been idle for 25 minutes (browser test)"
+
+
+async def send_notice(stack: Stack, user: str, text: str) -> None:
+    """What the eviction sweep does: find the user's kernel, ask the gateway to tell them."""
+    ops = {"Authorization": f"token {stack.secret('scheduler_token')}"}
+    async with httpx.AsyncClient(timeout=30) as http:
+        leases = await http.get(f"{stack.scheduler_url}/v1/leases", params={"user": user},
+                                headers=ops)  # fmt: skip
+        (lease,) = leases.json()["leases"]
+        answer = await http.post(
+            f"{stack.gateway_url}/kernelfleet/kernels/{lease['kernel_id']}/notice",
+            json={"text": text},
+            headers={"Authorization": f"token {stack.secret('gateway_service_token')}"},
+        )
+        assert answer.json()["delivered"] >= 1
 
 
 async def test_carol_runs_a_gpu_cell_from_the_launcher(stack: Stack) -> None:
@@ -52,6 +71,10 @@ async def test_carol_runs_a_gpu_cell_from_the_launcher(stack: Stack) -> None:
             ).first
             await output.wait_for(timeout=60_000)
             text = await output.inner_text()
+            # the scheduler's eviction warning appears under the cell carol ran last
+            await send_notice(stack, "carol", NOTICE)
+            notice = page.locator(".jp-NotebookPanel .jp-OutputArea-output", has_text=NOTICE)
+            await notice.first.wait_for(timeout=30_000)
         except playwright_api.Error as e:
             shot = Path("/tmp/kernelfleet-browser-hub.png")
             await page.screenshot(path=str(shot))

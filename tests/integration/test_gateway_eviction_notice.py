@@ -19,6 +19,7 @@ from tests.integration.test_gateway_server import (
     Gateway,
     channels,
     execute,
+    send_execute,
     start_kernel,
 )
 
@@ -29,14 +30,19 @@ gateway, api = served.gateway, served.api
 pytestmark = pytest.mark.skipif(not GATEWAY_PYTHON.exists(), reason="needs .venv-gateway")
 
 
-async def next_stderr(ws: Any, timeout: float = 10) -> str:
-    """The text of the next IOPub stderr stream message on ``ws``."""
+async def next_stderr_message(ws: Any, timeout: float = 10) -> dict[str, Any]:
+    """The next IOPub stderr stream message on ``ws``."""
     async with asyncio.timeout(timeout):
         while True:
             msg = json.loads(await ws.recv())
             if msg.get("channel") == "iopub" and msg["header"]["msg_type"] == "stream":
                 if msg["content"]["name"] == "stderr":
-                    return msg["content"]["text"]
+                    return msg
+
+
+async def next_stderr(ws: Any, timeout: float = 10) -> str:
+    """The text of the next IOPub stderr stream message on ``ws``."""
+    return str((await next_stderr_message(ws, timeout))["content"]["text"])
 
 
 async def test_notice_reaches_every_connected_client(gateway: Gateway, api: Any) -> None:
@@ -45,11 +51,16 @@ async def test_notice_reaches_every_connected_client(gateway: Gateway, api: Any)
     sessions = [uuid.uuid4().hex for _ in range(2)]
     tabs = [await channels(gateway, kernel_id, ALICE, s) for s in sessions]
     try:
-        assert (await execute(tabs[0], "print(1)", sessions[0])).strip() == "1"
+        ran = await send_execute(tabs[0], "print(1)", sessions[0])
+        assert (await execute(tabs[0], "print(2)", sessions[0])).strip() == "2"
         text = "This GPU kernel has been idle for 25 minutes. Run any cell to keep it."
         assert await eg.notice(kernel_id, text) == 2
-        for tab in tabs:
-            assert (await next_stderr(tab)).strip() == text
+        got = [await next_stderr_message(tab) for tab in tabs]
+        assert [m["content"]["text"].strip() for m in got] == [text, text]
+        # under the cell that tab ran last (JupyterLab shows it there); the other ran none
+        assert got[0]["parent_header"]["msg_id"] not in ("", ran)
+        assert got[0]["parent_header"]["msg_type"] == "execute_request"
+        assert not got[1]["parent_header"]
         refused = await api(ALICE).post(
             f"/kernelfleet/kernels/{kernel_id}/notice", json={"text": "fake eviction"}
         )
