@@ -8,7 +8,8 @@ Figures, for every chain of :mod:`bench.chains`:
 - ``warm_start`` (kernelfleet only): the same, claiming a warm kernel: the kernelspec's warm
   target is pinned to :data:`WARM_TARGET` and every sample waits until the pool is full
   again and checks that the kernel it got was one of the warm ones (a cold start would not
-  count); the target is reset afterwards, before the message figures;
+  count); the target is reset afterwards, before the message figures. During the cold
+  starts kernelfleet's target is pinned to 0, so none of them is a claim;
 - ``round_trip``: ``1+1`` executed one after another, request sent until reply *and*
   ``idle`` arrived; ``per_s`` is round trips per second of wall time;
 - ``output_1mb``: ``print`` of 1 MiB, until all of it arrived;
@@ -22,6 +23,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,38 +70,45 @@ async def _cold_starts(chain: Chain, count: int, samples: list[float]) -> None:
         await chain.stop_kernel(kernel)
 
 
-async def _warm_starts(ctx: Context, chain: Chain, count: int, samples: list[float]) -> None:
-    """Starts that claim a warm kernel, each from a full pool (see the module docstring)."""
+@asynccontextmanager
+async def _warm_target(ctx: Context, target: int) -> AsyncIterator[httpx.AsyncClient]:
+    """kernelfleet's latency kernelspec with its warm target pinned to ``target`` and that
+    many warm kernels ready; back to the spec's own target after the block."""
     stack = await ctx.chains.kernelfleet()
     auth = {"Authorization": f"token {stack.secret('scheduler_token')}"}
-    kernelspec = KERNELFLEET_KERNEL
+    path = f"/v1/warm-pools/{KERNELFLEET_KERNEL}"
     async with httpx.AsyncClient(base_url=stack.scheduler_url, headers=auth, timeout=30) as ops:
-        answer = await ops.put(f"/v1/warm-pools/{kernelspec}", json={"target": WARM_TARGET})
-        answer.raise_for_status()
+        (await ops.put(path, json={"target": target})).raise_for_status()
         try:
-            for _ in range(count):
-                ready = await _full_pool(ops, kernelspec)
-                seconds, kernel = await chain.start_kernel(timeout=OP_TIMEOUT_S)
-                await chain.stop_kernel(kernel)
-                if kernel.kernel_id not in ready:
-                    raise RuntimeError(f"warm start got kernel {kernel.kernel_id}, not a warm one")
-                samples.append(seconds)
+            await _warm_ready(ops, target)
+            yield ops
         finally:
-            await ops.delete(f"/v1/warm-pools/{kernelspec}")
+            await ops.delete(path)
 
 
-async def _full_pool(ops: httpx.AsyncClient, kernelspec: str) -> set[str]:
-    """Wait until ``kernelspec`` has :data:`WARM_TARGET` warm kernels; their ids."""
+async def _warm_ready(ops: httpx.AsyncClient, target: int) -> set[str]:
+    """Wait until exactly ``target`` warm kernels are ready (idle); their ids."""
+    params = {"user": "@warm", "kernelspec": KERNELFLEET_KERNEL}
     async with asyncio.timeout(OP_TIMEOUT_S):
         while True:
-            leases = (
-                await ops.get("/v1/leases", params={"user": "@warm", "kernelspec": kernelspec})
-            ).json()
-            ready = {lease["kernel_id"] for lease in leases["leases"] if lease["state"] == "idle"}
-            if len(ready) >= WARM_TARGET:
+            leases = (await ops.get("/v1/leases", params=params)).json()["leases"]
+            ready = {lease["kernel_id"] for lease in leases if lease["state"] == "idle"}
+            if len(ready) == len(leases) == target:
                 await asyncio.sleep(0.5)  # the refill's CPU burst has passed
                 return ready
             await asyncio.sleep(0.1)
+
+
+async def _warm_starts(ctx: Context, chain: Chain, count: int, samples: list[float]) -> None:
+    """Starts that claim a warm kernel, each from a full pool (see the module docstring)."""
+    async with _warm_target(ctx, WARM_TARGET) as ops:
+        for _ in range(count):
+            ready = await _warm_ready(ops, WARM_TARGET)
+            seconds, kernel = await chain.start_kernel(timeout=OP_TIMEOUT_S)
+            await chain.stop_kernel(kernel)
+            if kernel.kernel_id not in ready:
+                raise RuntimeError(f"warm start got kernel {kernel.kernel_id}, not a warm one")
+            samples.append(seconds)
 
 
 async def _round_trips(kernel: Kernel, count: int, samples: list[float]) -> None:
@@ -152,13 +162,16 @@ async def run(ctx: Context, results: dict[str, Any]) -> None:
     kernels: dict[str, Kernel] = {}
     try:
         progress("latency: warm-up start per chain, then cold starts")
-        for key, chain in started.items():
-            _, kernels[key] = await chain.start_kernel(timeout=OP_TIMEOUT_S)
-        per_round = max(1, plan.starts // plan.rounds)
-        for _ in range(plan.rounds):
+        async with AsyncExitStack() as cold:
+            if "kernelfleet" in started:  # no warm kernel to claim: these starts are cold
+                await cold.enter_async_context(_warm_target(ctx, 0))
             for key, chain in started.items():
-                await _cold_starts(chain, per_round, samples.raw[key]["cold_start"])
-                samples.publish(key)
+                _, kernels[key] = await chain.start_kernel(timeout=OP_TIMEOUT_S)
+            per_round = max(1, plan.starts // plan.rounds)
+            for _ in range(plan.rounds):
+                for key, chain in started.items():
+                    await _cold_starts(chain, per_round, samples.raw[key]["cold_start"])
+                    samples.publish(key)
         if "kernelfleet" in started:
             progress(f"latency: {plan.starts} warm starts on kernelfleet")
             warm = samples.raw["kernelfleet"]["warm_start"]

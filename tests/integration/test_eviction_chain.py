@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -17,70 +16,37 @@ from typing import Any
 
 import httpx
 import pytest
-import yaml
 
 from tests.integration.test_gateway_server import (
     ALICE,
     CAROL,
     GATEWAY_PYTHON,
-    GATEWAY_SERVICE,
     SCHEDULER_TOKEN,
     Gateway,
-    HubAPIStandIn,
-    _serve,
     channels,
     execute,
     start_kernel,
 )
 from tests.integration.test_scheduler_durability import Stack
-from tests.support.ports import free_port
-from tests.support.redis_server import running_redis
+from tests.support.eg_chain import kernelspecs_with, scheduler_and_gateway
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(not GATEWAY_PYTHON.exists(), reason="needs .venv-gateway")
 
 
-def _short_idle_kernelspecs(folder: Path) -> Path:
-    specs = folder / "kernelspecs"
-    shutil.copytree(REPO / "kernelspecs", specs)
-    spec_file = specs / "python-cpu" / "spec.yaml"
-    spec = yaml.safe_load(spec_file.read_text())
-    spec.update(idle_timeout="4s", warning_before="2s", evict_connected_idle=True)
-    spec_file.write_text(yaml.safe_dump(spec))
-    return specs
+def _short_idle(name: str, spec: dict[str, Any]) -> None:
+    spec["warm_target"] = 0  # these tests start their kernels cold
+    if name == "python-cpu":
+        spec.update(idle_timeout="4s", warning_before="2s", evict_connected_idle=True)
 
 
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gateway, Stack]]:
     folder = tmp_path_factory.mktemp("chain")
-    hub, hub_port = _serve(HubAPIStandIn)
-    scheduler_port = free_port()
-    gateway = Gateway(folder / "gateway", hub_port, scheduler_port)
-    with running_redis(folder / "redis") as redis:
-        config = {
-            "host": "127.0.0.1", "state_dir": "state",
-            "kernelspecs_dir": str(_short_idle_kernelspecs(folder)),
-            "ports": {"scheduler": scheduler_port, "redis": redis.port, "gateway": gateway.port,
-                      "hub_api": hub_port},
-            "pools": {"cpu": {"cpus": 8, "memory": "32Gi"},
-                      "gpu": {"cpus": 8, "memory": "32Gi", "gpus": 2, "simulated_gpus": True}},
-        }  # fmt: skip
-        (folder / "kernelfleet.yaml").write_text(yaml.safe_dump(config))
-        secrets = folder / "state" / "secrets"
-        secrets.mkdir(parents=True)
-        (secrets / "scheduler_token").write_text(SCHEDULER_TOKEN)
-        (secrets / "gateway_service_token").write_text(GATEWAY_SERVICE)
-        scheduler = Stack(folder=folder, redis=redis, port=scheduler_port,
-                          extra_args=["--eviction-interval", "0.2", "--pressure-grace", "1",
-                                      "--pressure-warning", "1"])  # fmt: skip
-        scheduler.start()
-        try:
-            yield gateway, scheduler
-        finally:
-            gateway.stop()
-            scheduler.stop()
-            hub.shutdown()
-            hub.server_close()
+    args = ["--eviction-interval", "0.2", "--pressure-grace", "1", "--pressure-warning", "1"]
+    with scheduler_and_gateway(folder, kernelspecs_with(folder, _short_idle),
+                               scheduler_args=args) as running:  # fmt: skip
+        yield running
 
 
 @pytest.fixture

@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
 import pytest
-import yaml
 
 from tests.integration.test_gateway_server import (
     ALICE,
@@ -28,15 +27,12 @@ from tests.integration.test_gateway_server import (
     GATEWAY_SERVICE,
     SCHEDULER_TOKEN,
     Gateway,
-    HubAPIStandIn,
-    _serve,
     channels,
     execute,
     start_kernel,
 )
 from tests.integration.test_scheduler_durability import Stack
-from tests.support.ports import free_port
-from tests.support.redis_server import running_redis
+from tests.support.eg_chain import kernelspecs_with, scheduler_and_gateway
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(not GATEWAY_PYTHON.exists(), reason="needs .venv-gateway")
@@ -47,49 +43,20 @@ WHO_AM_I = (
 )
 
 
-def _warm_kernelspecs(folder: Path) -> Path:
-    specs = folder / "kernelspecs"
-    shutil.copytree(REPO / "kernelspecs", specs)
-    spec_file = specs / "python-cpu" / "spec.yaml"
-    spec = yaml.safe_load(spec_file.read_text())
-    spec.update(warm_target=TARGET)
-    spec_file.write_text(yaml.safe_dump(spec))
-    return specs
+def _warm(name: str, spec: dict[str, Any]) -> None:
+    spec["warm_target"] = TARGET if name == "python-cpu" else 0
 
 
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gateway, Stack]]:
     folder = tmp_path_factory.mktemp("warm")
-    hub, hub_port = _serve(HubAPIStandIn)
-    scheduler_port = free_port()
-    gateway = Gateway(
-        folder / "gateway", hub_port, scheduler_port,
-        extra_config="c.KernelfleetMappingKernelManager.warm_interval = 0.3\n"
-        "c.KernelfleetMappingKernelManager.warm_claim_timeout = 2.0\n",
-    )  # fmt: skip
-    with running_redis(folder / "redis") as redis:
-        config = {
-            "host": "127.0.0.1", "state_dir": "state",
-            "kernelspecs_dir": str(_warm_kernelspecs(folder)),
-            "ports": {"scheduler": scheduler_port, "redis": redis.port, "gateway": gateway.port,
-                      "hub_api": hub_port},
-            "pools": {"cpu": {"cpus": 8, "memory": "32Gi"},
-                      "gpu": {"cpus": 8, "memory": "32Gi", "gpus": 2, "simulated_gpus": True}},
-        }  # fmt: skip
-        (folder / "kernelfleet.yaml").write_text(yaml.safe_dump(config))
-        secrets = folder / "state" / "secrets"
-        secrets.mkdir(parents=True)
-        (secrets / "scheduler_token").write_text(SCHEDULER_TOKEN)
-        (secrets / "gateway_service_token").write_text(GATEWAY_SERVICE)
-        scheduler = Stack(folder=folder, redis=redis, port=scheduler_port)
-        scheduler.start()
-        try:
-            yield gateway, scheduler
-        finally:
-            gateway.stop()
-            scheduler.stop()
-            hub.shutdown()
-            hub.server_close()
+    config = (
+        "c.KernelfleetMappingKernelManager.warm_interval = 0.3\n"
+        "c.KernelfleetMappingKernelManager.warm_claim_timeout = 2.0\n"
+    )
+    with scheduler_and_gateway(folder, kernelspecs_with(folder, _warm),
+                               gateway_config=config) as running:  # fmt: skip
+        yield running
 
 
 @pytest.fixture

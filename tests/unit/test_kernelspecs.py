@@ -218,7 +218,7 @@ def test_build_renders_the_contract_shape(
                 "resources": {"cpus": 1.0, "memory": 2 * 2**30, "gpus": 0},
                 "idle_timeout_s": 8 * 3600,
                 "max_lifetime_s": 24 * 3600,
-                "warm_target": 0,
+                "warm_target": 1,
                 "simulated_gpu": False,
             },
         },
