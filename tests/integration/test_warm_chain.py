@@ -150,6 +150,28 @@ async def test_a_claim_hands_over_a_personalised_kernel_and_the_pool_refills(
         assert (await client.delete(f"/api/kernels/{kernel_id}")).status_code == 204
 
 
+async def test_a_lower_target_stops_warm_kernels_and_frees_their_room(
+    api: dict[str, httpx.AsyncClient],
+) -> None:
+    warm = await full(api)
+    pinned = await api["ops"].put("/v1/warm-pools/python-cpu", json={"target": 0})
+    assert pinned.status_code == 200
+    try:
+        async with asyncio.timeout(30):
+            while await warm_ids(api) or (await pool_used(api))["kernels"]:
+                await asyncio.sleep(0.2)
+        processes = [p for p in psutil.process_iter() if _kernel_id(p) in warm]
+        assert processes == []  # stopped, not just forgotten
+    finally:
+        await api["ops"].delete("/v1/warm-pools/python-cpu")
+    assert not (await full(api)) & warm  # back to the spec's target, with new kernels
+
+
+async def pool_used(api: dict[str, httpx.AsyncClient]) -> dict[str, float]:
+    pools = (await api["ops"].get("/v1/pools")).json()["pools"]
+    return next({**p["used"], "kernels": p["kernels"]} for p in pools if p["name"] == "cpu")
+
+
 async def test_a_kernel_that_cannot_be_personalised_is_discarded_for_a_cold_start(
     chain: tuple[Gateway, Stack], api: dict[str, httpx.AsyncClient]
 ) -> None:
