@@ -13,7 +13,9 @@ admit a new kernel (fresh id) for a random one of the platform's users (200): py
 for ml members every other time python-gpu. Pools are small enough that quotas and capacity
 refuse many requests at 50 and 500 concurrent. An admission's latency is measured around ``admit``
 only; ``per_s`` counts decisions (admitted or refused) per second of wall time, releases
-included in that time.
+included in that time. Releases are timed too (``release_p50_ms``, ``release_p99_ms``): in
+this closed loop each worker's cycle is its release plus its admission, so
+``concurrency / per_s`` is their sum and work taken out of one moves waiting to the other.
 
 Over-commits are counted twice: by a client-side ledger (what is held, counted up when an
 admission is answered and down *before* its release is sent, so it can only under-count
@@ -99,6 +101,7 @@ class Tally:
 
     remaining: int
     samples: list[float] = field(default_factory=list)
+    releases: list[float] = field(default_factory=list)
     outcomes: Counter[str] = field(default_factory=Counter)
 
     def take(self) -> bool:
@@ -118,7 +121,9 @@ async def _worker(seed: int, decide: Decide, release: Release, ledger: Ledger,
         while tally.take():
             if held is not None:
                 ledger.releasing(held)
+                began = time.perf_counter()
                 await release(held.kernel_id)
+                tally.releases.append(time.perf_counter() - began)
                 held = None
             i = rng.randrange(users)
             spec = "python-gpu" if i % 2 and rng.random() < 0.5 else "python-cpu"
@@ -166,6 +171,8 @@ async def measure(
     wall = time.perf_counter() - began
     problems = await over_commits(scheduler, platform)
     result: dict[str, Any] = summarize(tally.samples, wall_s=wall)
+    releases = summarize(tally.releases)
+    result.update(release_p50_ms=releases.get("p50_ms"), release_p99_ms=releases.get("p99_ms"))
     result.update(concurrency=concurrency, outcomes=dict(tally.outcomes),
                   over_commits=len(ledger.violations) + len(problems),
                   problems=(ledger.violations + problems)[:10])  # fmt: skip
@@ -195,7 +202,9 @@ async def run(ctx: Context, results: dict[str, Any]) -> None:
                 results["inprocess"][str(level)] = found
                 progress(f"admission in-process at {level}: p50 {found.get('p50_ms')} ms, "
                          f"p99 {found.get('p99_ms')} ms, {found.get('per_s')}/s, "
-                         f"over-commits {found['over_commits']}")  # fmt: skip
+                         f"over-commits {found['over_commits']} (releases: p50 "
+                         f"{found.get('release_p50_ms')} ms, "
+                         f"p99 {found.get('release_p99_ms')} ms)")  # fmt: skip
         await _over_http(ctx, server, platform, plan["http"], results["http"])
     finally:
         server.stop()

@@ -25,6 +25,7 @@ from kernelfleet.config import Quota, Quotas
 from kernelfleet.kernelspecs.spec import KernelSpec
 
 from . import keys, lua, messages
+from .batching import batcher_for
 from .errors import (
     KernelspecForbidden,
     LeaseConflict,
@@ -140,6 +141,7 @@ class Admitter:
         self._clock = clock
         self.max_wait_s = max_wait_s
         self._script = redis.register_script(lua.ADMIT)
+        self._batcher = batcher_for(redis)
 
     def kernelspec(self, name: str, groups: Iterable[str], *, admin: bool = False) -> KernelSpec:
         """The kernelspec ``name`` if this user may use it; raise otherwise."""
@@ -181,7 +183,7 @@ class Admitter:
         )  # fmt: skip
         script_keys = keys.ScriptKeys.for_kernel(kernel_id, user=user, pool=pool.name)
         with unavailable_as(self._location):
-            reply = await self._script(keys=script_keys.as_list(), args=[args])
+            reply = await self._batcher.script(self._script, script_keys.as_list(), [args])
         kind = reply[0]
         if kind == "exists":
             lease = Lease.from_redis(dict(zip(reply[1::2], reply[2::2], strict=True)))

@@ -91,8 +91,10 @@ def v1_router(scheduler: Scheduler) -> APIRouter:
         """
         who.require_service("admit kernels")
         if body.user == WARM_USER:
-            raise BadRequest(f"{WARM_USER!r} is the warm pools' owner, not a user; warm "
-                             "kernels are admitted with POST /v1/warm-pools/{kernelspec}/kernels.")
+            raise BadRequest(
+                f"{WARM_USER!r} is the warm pools' owner, not a user; warm "
+                "kernels are admitted with POST /v1/warm-pools/{kernelspec}/kernels."
+            )
         decision = await scheduler.admit(
             kernel_id=body.kernel_id, user=body.user, groups=body.groups,
             kernelspec=body.kernelspec, admin=body.admin, wait_s=wait_s,

@@ -15,15 +15,18 @@ activity reports) -> ``stopped`` (released; listed for :data:`STOPPED_KEEP_S`).
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import BaseModel, Field
 from redis.asyncio import Redis
 
 from . import keys, lua
+from .batching import Arg, batcher_for
 from .store import unavailable_as
 
 log = logging.getLogger(__name__)
@@ -35,6 +38,7 @@ STOPPED_KEEP_S = 3600
 #: The rolling window of GPU-hour quotas.
 GPU_WINDOW_S = 24 * 3600
 _MAX_RELEASE_TRIES = 3
+_OWNERS_KEPT = 20_000  # owner hints kept (see LeaseStore.remember): a few MB
 
 
 class Lease(BaseModel):
@@ -82,6 +86,14 @@ class Lease(BaseModel):
         )
 
 
+@dataclass(frozen=True)
+class Released:
+    """A released lease, and how many requests waited for its pool right after."""
+
+    lease: Lease
+    waiting: int
+
+
 class LeaseStore:
     """Reads, lists and releases leases in Redis. ``clock`` gives unix seconds."""
 
@@ -92,6 +104,8 @@ class LeaseStore:
         self._location = location
         self._clock = clock
         self._release = redis.register_script(lua.RELEASE)
+        self._batcher = batcher_for(redis)
+        self._owners: dict[str, tuple[str, str]] = {}  # kernel_id -> (user, pool), a hint
 
     async def get(self, kernel_id: str) -> Lease | None:
         """The live lease of ``kernel_id``, or None."""
@@ -99,28 +113,53 @@ class LeaseStore:
             fields = await self._redis.hgetall(keys.lease(kernel_id))
         return Lease.from_redis(fields) if fields else None
 
-    async def release(self, kernel_id: str, *, reason: str = "released") -> Lease | None:
-        """Delete the lease and give back what it held; the released lease, or None.
+    def remember(self, kernel_id: str, *, user: str, pool: str) -> None:
+        """Note whose ``kernel_id`` is and where, so its release needs no read first.
 
-        The owner and pool decide which keys the script touches, so they are read first;
-        the script checks they did not change in between and the read is retried if so.
+        Only a hint: the release script checks it and a stale one costs one read.
         """
+        owners = self._owners
+        owners.pop(kernel_id, None)
+        owners[kernel_id] = (user, pool)
+        if len(owners) > _OWNERS_KEPT:
+            del owners[next(iter(owners))]  # the oldest
+
+    async def release(self, kernel_id: str, *, reason: str = "released") -> Lease | None:
+        """Delete the lease and give back what it held; the released lease, or None."""
+        released = await self.release_counting_queue(kernel_id, reason=reason)
+        return released.lease if released is not None else None
+
+    async def release_counting_queue(
+        self, kernel_id: str, *, reason: str = "released"
+    ) -> Released | None:
+        """:meth:`release`, also saying how many requests then waited for the lease's pool.
+
+        The owner and pool decide which keys the script touches: they come from
+        :meth:`remember` or are read first; the script checks they are still right, and the
+        read is (re)done if not.
+        """
+        owner = self._owners.pop(kernel_id, None)
         with unavailable_as(self._location):
             for _ in range(_MAX_RELEASE_TRIES):
-                fields = await self._redis.hgetall(keys.lease(kernel_id))
-                if not fields:
-                    return None
-                user, pool = fields["user"], fields["pool"]
+                if owner is None:
+                    fields = await self._batcher.hgetall(keys.lease(kernel_id))
+                    if not fields:
+                        return None
+                    owner = fields["user"], fields["pool"]
+                user, pool = owner
                 script_keys = keys.ScriptKeys.for_kernel(kernel_id, user=user, pool=pool)
                 now = round(self._clock(), 3)
-                args = [kernel_id, user, pool, repr(now), reason, STOPPED_KEEP_S, GPU_WINDOW_S]
-                reply = await self._release(keys=script_keys.as_list(), args=args)
+                args: list[Arg] = [kernel_id, user, pool, repr(now), reason, STOPPED_KEEP_S,
+                                   GPU_WINDOW_S]  # fmt: skip
+                reply = await self._batcher.script(self._release, script_keys.as_list(), args)
                 if reply[0] == "gone":
                     return None
                 if reply[0] == "released":
                     log.info("released kernel %s of %s in pool %s (%s)",
                              kernel_id, user, pool, reason)  # fmt: skip
-                    return Lease.from_redis(fields)
+                    lease = Lease.from_redis(json.loads(reply[2]))
+                    return Released(lease=lease, waiting=int(reply[1]))
+                owner = None  # moved: read the owner and pool again
         return None
 
     async def list(

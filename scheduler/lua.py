@@ -320,7 +320,7 @@ return {'left', position}
 # Release a lease: give back its counters and GPU devices, account its GPU time, keep a
 # stopped copy. ARGV: 1 kernel_id, 2 user, 3 pool (as read just before), 4 now, 5 reason,
 # 6 seconds to keep stopped leases, 7 GPU-hour window (s). Replies {'released', requests
-# waiting in the pool's queue, the lease's fields and values...}, {'gone'},
+# waiting in the pool's queue, the lease's fields as a JSON object}, {'gone'},
 # or {'moved'} (owner/pool changed since the caller read them: read again and retry).
 RELEASE = (
     _PRELUDE
@@ -366,7 +366,7 @@ redis.call('HSET', K.stopped, 'state', 'stopped', 'stopped', ts(now), 'stop_reas
 redis.call('EXPIRE', K.stopped, keep)
 redis.call('ZADD', K.stopped_index, ts(now), kid)
 redis.call('ZREMRANGEBYSCORE', K.stopped_index, '-inf', '(' .. ts(now - keep))
-return {'released', redis.call('ZCARD', K.queue), unpack(fields)}
+return {'released', redis.call('ZCARD', K.queue), cjson.encode(lease)}
 """
 )
 

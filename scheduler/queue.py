@@ -34,6 +34,7 @@ from redis.asyncio import Redis
 
 from . import keys, lua
 from .admission import pool_capacity
+from .batching import batcher_for
 from .pools import Pool
 from .store import unavailable_as
 
@@ -127,6 +128,7 @@ class Queue:
         self._heartbeats_from: float | None = None
         self._promote = redis.register_script(lua.PROMOTE)
         self._leave = redis.register_script(lua.LEAVE)
+        self._batcher = batcher_for(redis)
 
     def _now(self) -> float:
         return round(self._clock(), 3)
@@ -166,19 +168,20 @@ class Queue:
         """Admit heads of ``pool``'s queue while they fit; refuse heads over their quota."""
         outcomes: list[Outcome] = []
         capacity = pool_capacity(self._pools[pool])
+        batcher = self._batcher
         with unavailable_as(self._location):
             for _ in range(_MAX_PROMOTIONS):
-                head = await self._redis.zrange(keys.pool_queue(pool), 0, 0)
+                head = await batcher.command("ZRANGE", keys.pool_queue(pool), 0, 0)
                 if not head:
                     break
                 kernel_id = _kernel_of(head[0])
-                user = await self._redis.hget(keys.queued(kernel_id), "user")
+                user = await batcher.command("HGET", keys.queued(kernel_id), "user")
                 if user is None:  # the entry expired under a stray member: drop it
-                    await self._redis.zrem(keys.pool_queue(pool), head[0])
+                    await batcher.command("ZREM", keys.pool_queue(pool), head[0])
                     continue
                 script_keys = keys.ScriptKeys.for_kernel(kernel_id, user=user, pool=pool)
                 args = [head[0], json.dumps({"now": self._now(), "capacity": capacity})]
-                reply = await self._promote(keys=script_keys.as_list(), args=args)
+                reply = await batcher.script(self._promote, script_keys.as_list(), args)
                 if reply[0] == "wait":
                     break
                 if reply[0] in ("stale", "not_head"):

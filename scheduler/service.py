@@ -193,6 +193,7 @@ class Scheduler:
             self.metrics.admission("queued", "pool_full")
         else:
             self.metrics.admission("admitted", "new" if decision.created else "existing")
+            self.leases.remember(kernel_id, user=user, pool=decision.lease.pool)
         return decision
 
     async def admission(self, kernel_id: str, *, wait_s: float = 0.0) -> Admission | Queued:
@@ -303,9 +304,12 @@ class Scheduler:
 
     async def release(self, kernel_id: str, *, reason: str = "released") -> bool:
         """Release the lease of ``kernel_id``; the head of its pool's queue gets the room."""
-        lease = await self.leases.release(kernel_id, reason=reason)
-        if lease is None:
+        released = await self.leases.release_counting_queue(kernel_id, reason=reason)
+        if released is None:
             return False
+        if not released.waiting:  # counted right after the release, by the same script
+            return True
+        lease = released.lease
         try:
             await self.promote(lease.pool)
         except RedisUnavailable as e:  # the queue loop promotes once Redis is back
