@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -47,6 +48,7 @@ from .scheduler import NoScheduler, Scheduler
 from .warm import WARM_VAR, WarmPool
 
 DEFAULT_LAUNCH_TIMEOUT_S = 30.0  # EG's own default (EG_KERNEL_LAUNCH_TIMEOUT)
+KERNELSPEC_CACHE_S = 1.0  # how long a kernelspec read from disk is reused
 
 
 class KernelfleetKernelManager(DistinctPortsMixin, RemoteKernelManager):
@@ -104,6 +106,7 @@ class KernelfleetMappingKernelManager(LightActivityWatchMixin, RemoteMappingKern
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self._spec_cache: dict[str, tuple[float, dict[str, Any] | None]] = {}
         self.warm = WarmPool(self, interval_s=self.warm_interval,
                              claim_timeout_s=self.warm_claim_timeout,
                              refill_delay_s=self.warm_refill_delay)  # fmt: skip
@@ -276,10 +279,24 @@ class KernelfleetMappingKernelManager(LightActivityWatchMixin, RemoteMappingKern
         await self.discard_warm(kernel_id)
 
     def _kernelspec_dict(self, kernel_name: str) -> dict[str, Any] | None:
+        """The kernelspec as a dict (None if there is none), read at most once a second.
+
+        A start looks it up several times (policy, audit, secrets), and each lookup lists
+        every kernelspec folder and parses kernel.json: a few ms on a warm claim's path.
+        Callers must not change the dict.
+        """
+        now = time.monotonic()
+        cached = self._spec_cache.get(kernel_name)
+        if cached is not None and now - cached[0] < KERNELSPEC_CACHE_S:
+            return cached[1]
         try:
-            return self.kernel_spec_manager.get_kernel_spec(kernel_name).to_dict()
+            spec: dict[str, Any] | None = self.kernel_spec_manager.get_kernel_spec(
+                kernel_name
+            ).to_dict()
         except NoSuchKernel:
-            return None
+            spec = None
+        self._spec_cache[kernel_name] = (now, spec)
+        return spec
 
     def pre_start_kernel(self, kernel_name: str, kwargs: dict[str, Any]) -> tuple[Any, str, str]:
         """Create the per-kernel manager and hand it the pinned env (not a Popen argument)."""

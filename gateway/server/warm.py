@@ -329,7 +329,8 @@ class WarmPool:
                 _close(warm)
                 await manager.abandon_claim(warm.kernel_id)
                 return None
-            _close(warm)
+            # closing sockets is not the user's wait: after the answer is on its way
+            asyncio.get_running_loop().call_soon(_close, warm)
             self.claimed.add(warm.kernel_id)
             log.info("Kernel %s (%s) claimed warm by %s", warm.kernel_id, kernel_name,
                      identity.name)  # fmt: skip
