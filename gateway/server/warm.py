@@ -35,6 +35,7 @@ import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import zmq.asyncio
 from tornado import web
 
 from .errors import GatewayError
@@ -117,6 +118,7 @@ class WarmPool:
         self.claimed: set[str] = set()  # kernels handed to a user (their start is a claim)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._context: zmq.asyncio.Context | None = None
         self._problems: dict[str, str] = {}  # kernel name -> last refill problem logged
 
     # -- what is warm ------------------------------------------------------------------------
@@ -254,10 +256,17 @@ class WarmPool:
                  time.perf_counter() - began, len(self.ready[kernel_name]))  # fmt: skip
         return True
 
+    def _zmq_context(self) -> zmq.asyncio.Context:
+        """One ZMQ context for every warm kernel's connection (jupyter_client 6 would make
+        a context, with its own I/O thread, for each client and never end it)."""
+        if self._context is None:
+            self._context = zmq.asyncio.Context()
+        return self._context
+
     async def _connect(self, kernel_id: str) -> Any:
         """A shell connection to the kernel once it answers, after one warm-up execution."""
         km = self._manager.get_kernel(kernel_id)
-        client = km.client()
+        client = km.client(context=self._zmq_context())
         client.start_channels(shell=True, iopub=False, stdin=False, hb=False, control=False)
         try:
             info = await client.kernel_info(reply=True, timeout=READY_TIMEOUT_S)
@@ -265,7 +274,7 @@ class WarmPool:
             await client.execute("pass", silent=True, store_history=False, reply=True,
                                  user_expressions=CHECKS, timeout=READY_TIMEOUT_S)  # fmt: skip
         except BaseException:
-            client.stop_channels()
+            _close_shell(client)
             raise
         # It answered and finished: idle. (EG's IOPub watch may have subscribed too late to
         # see these first status messages, and nothing else runs on a warm kernel.)
@@ -379,7 +388,18 @@ def _describe(error: BaseException) -> str:
 
 
 def _close(warm: WarmKernel) -> None:
-    try:
-        warm.client.stop_channels()
-    except Exception:  # closing a socket of a dead kernel
-        log.debug("closing the connection to warm kernel %s", warm.kernel_id, exc_info=True)
+    _close_shell(warm.client)
+
+
+def _close_shell(client: Any) -> None:
+    """Close the one socket a warm client opened.
+
+    Not ``stop_channels()``: jupyter_client 6 creates every channel it asks about, so that
+    would connect four more sockets and start a heartbeat event loop just to close them.
+    """
+    channel = getattr(client, "_shell_channel", None)
+    if channel is not None:
+        try:
+            channel.close()
+        except Exception:  # a socket of a dead kernel
+            log.debug("closing a warm kernel's shell socket", exc_info=True)
