@@ -45,6 +45,7 @@ key                                         type    content
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from functools import lru_cache
 from urllib.parse import quote
 
 PREFIX = "kf"
@@ -61,8 +62,12 @@ EVICTIONS = f"{PREFIX}:evictions"
 WARM_TARGETS = f"{PREFIX}:warm:targets"
 
 
+@lru_cache(maxsize=65536)
 def _part(name: str) -> str:
-    """Encode a user-supplied name so it cannot break out of its key segment."""
+    """Encode a user-supplied name so it cannot break out of its key segment.
+
+    Cached: every admission and release encodes the same few user and pool names again.
+    """
     return quote(name, safe="")
 
 
@@ -229,10 +234,13 @@ class ScriptKeys:
 
     def as_list(self) -> list[str]:
         """The keys in ``KEYS`` order."""
-        return [getattr(self, f.name) for f in fields(self)]
+        return [getattr(self, name) for name in _SCRIPT_KEY_NAMES]
 
     @classmethod
     def lua_bindings(cls) -> str:
         """Lua that names the keys: ``local K = {lease = KEYS[1], ...}``."""
         pairs = ", ".join(f"{f.name} = KEYS[{i}]" for i, f in enumerate(fields(cls), start=1))
         return f"local K = {{{pairs}}}\n"
+
+
+_SCRIPT_KEY_NAMES = tuple(f.name for f in fields(ScriptKeys))
