@@ -182,11 +182,7 @@ class KubernetesBackend:
         )
         self.pod_watch = PodWatch(self.kube, self.settings, on_failure=fail)
         if self._live_targets:
-            self.targets = live_targets(WarmTargets(
-                scheduler.redis, kernelspecs=scheduler.admitter.kernelspecs,
-                pools=scheduler.pools, location=scheduler.location, leases=scheduler.leases,
-                clock=scheduler.clock,
-            ))  # fmt: skip
+            self.targets = live_targets(WarmTargets.of(scheduler))
         scaler = PlaceholderScaler(self.kube, self.settings, targets=self.targets)
         # More room (a node came up): requests queued for a full pool may be admitted now.
         self.nodes.on_change = lambda: self._spawn(scheduler.promote_all(), "promote")

@@ -374,8 +374,9 @@ return {'released', redis.call('ZCARD', K.queue), cjson.encode(lease)}
 # the user's quota allows one more kernel like it. KEYS: the ScriptKeys of (kernel, claiming
 # user, pool), then the warm owner's user_leases, user_usage and gpu_running. ARGV[1]: JSON
 # {kernel_id, user, kernelspec, warm_user, groups, admin, now, window, quota}. Replies
-# {'claimed', devices}, {'gone'} (no such lease), {'taken'} (not warm, or another
-# kernelspec), or a 'quota' refusal. Pool usage does not change: the kernel already held it.
+# {'claimed', field, value, ...} (the lease now), {'gone'} (no such lease), {'taken'} (not
+# warm, or another kernelspec), or a 'quota' refusal. Pool usage does not change: the
+# kernel already held it.
 CLAIM = (
     _PRELUDE
     + """
@@ -411,7 +412,9 @@ redis.call('HSET', K.lease, 'user', a.user, 'created', now, 'last_activity', now
            'gpu_seconds_limit', int(a.quota.gpu_seconds), 'warm_since', lease.created,
            'claimed', now)
 redis.call('ZADD', K.leases, now, kid)
-return {'claimed', lease.gpu_devices or ''}
+local claimed = redis.call('HGETALL', K.lease)
+table.insert(claimed, 1, 'claimed')
+return claimed
 """
 )
 

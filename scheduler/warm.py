@@ -26,7 +26,7 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Any, Literal
 
 from redis.asyncio import Redis
 
@@ -35,7 +35,7 @@ from kernelfleet.kernelspecs.spec import KernelSpec, WarmAuto
 from . import keys, lua
 from .admission import Admission, Admitter, kernel_env, quota_limits
 from .errors import SchedulerError, UnknownLease
-from .leases import GPU_WINDOW_S, LeaseStore
+from .leases import GPU_WINDOW_S, Lease, LeaseStore
 from .pools import Pool
 from .quotas import effective_quota
 from .store import unavailable_as
@@ -105,6 +105,13 @@ class WarmTargets:
         self._pools = pools
         self._location = location
 
+    @classmethod
+    def of(cls, scheduler: Any) -> WarmTargets:
+        """The targets of a :class:`scheduler.service.Scheduler`'s kernelspecs and pools."""
+        return cls(scheduler.redis, kernelspecs=scheduler.admitter.kernelspecs,
+                   pools=scheduler.pools, location=scheduler.location,
+                   leases=scheduler.leases, clock=scheduler.clock)  # fmt: skip
+
     def _spec(self, name: str) -> KernelSpec:
         spec = self._kernelspecs.get(name)
         if spec is None:
@@ -125,19 +132,35 @@ class WarmTargets:
                           spec.warm_target, most)  # fmt: skip
 
     async def _recent_starts(self) -> dict[str, int]:
-        """Kernels started per kernelspec within each one's auto window (live and stopped)."""
+        """Kernels users started per kernelspec within each one's auto window (live and
+        stopped).
+
+        Reads only the leases created inside the longest window (live ones by the created
+        index, stopped ones by the stop index: a lease stops after it starts), not every
+        lease: the gateway asks for the targets every few seconds.
+        """
         autos = {n: s.warm_auto for n, s in self._kernelspecs.items() if s.warm_auto}
-        if not autos or self._leases is None:
+        if not autos:
             return {}
         now = self._clock()
-        leases = await self._leases.list() + await self._leases.list(state="stopped")
+        since = now - max(auto.window for auto in autos.values())
+        fields = ("user", "kernelspec", "created")
+        with unavailable_as(self._location):
+            live = await self._redis.zrangebyscore(keys.LEASES, since, "+inf")
+            stopped = await self._redis.zrangebyscore(keys.STOPPED, since, "+inf")
+            pipe = self._redis.pipeline(transaction=False)
+            for kernel_id in live:
+                pipe.hmget(keys.lease(kernel_id), fields)
+            for kernel_id in stopped:
+                pipe.hmget(keys.stopped(kernel_id), fields)
+            rows = await pipe.execute() if live or stopped else []
         counts: dict[str, int] = {}
-        for lease in leases:
-            if lease.user == WARM_USER:
-                continue  # refills are not demand
-            auto = autos.get(lease.kernelspec)
-            if auto is not None and lease.created >= now - auto.window:
-                counts[lease.kernelspec] = counts.get(lease.kernelspec, 0) + 1
+        for user, kernelspec, created in rows:
+            if created is None or user == WARM_USER:
+                continue  # gone meanwhile; refills are not demand
+            auto = autos.get(kernelspec)
+            if auto is not None and float(created) >= now - auto.window:
+                counts[kernelspec] = counts.get(kernelspec, 0) + 1
         return counts
 
     async def all(self) -> list[WarmTarget]:
@@ -206,13 +229,11 @@ class WarmClaims:
         redis: Redis,
         *,
         admitter: Admitter,
-        leases: LeaseStore,
         pools: Mapping[str, Pool],
         location: str,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._admitter = admitter
-        self._leases = leases
         self._pools = pools
         self._location = location
         self._clock = clock
@@ -245,7 +266,5 @@ class WarmClaims:
             raise WarmTaken(f"Kernel {kernel_id} is not a warm {spec.name} kernel any more.")
         if reply[0] != "claimed":
             raise self._admitter.refusal(reply, spec=spec, groups=groups, admin=admin)
-        lease = await self._leases.get(kernel_id)
-        if lease is None:  # released between the claim and this read (the kernel died)
-            raise UnknownLease(f"No live lease for kernel {kernel_id}.")
+        lease = Lease.from_redis(dict(zip(reply[1::2], reply[2::2], strict=True)))
         return Admission(lease=lease, env=kernel_env(lease), created=False)

@@ -55,12 +55,9 @@ def _admitted(decision: Admission | Queued) -> models.AdmissionResponse:
 def warm_router(scheduler: Scheduler) -> APIRouter:
     """The routes of the module docstring."""
     router = APIRouter(prefix="/v1", tags=["warm pools"])
-    targets = WarmTargets(scheduler.redis, kernelspecs=scheduler.admitter.kernelspecs,
-                          pools=scheduler.pools, location=scheduler.location,
-                          leases=scheduler.leases, clock=scheduler.clock)  # fmt: skip
-    claims = WarmClaims(scheduler.redis, admitter=scheduler.admitter, leases=scheduler.leases,
-                        pools=scheduler.pools, location=scheduler.location,
-                        clock=scheduler.clock)  # fmt: skip
+    targets = WarmTargets.of(scheduler)
+    claims = WarmClaims(scheduler.redis, admitter=scheduler.admitter, pools=scheduler.pools,
+                        location=scheduler.location, clock=scheduler.clock)  # fmt: skip
 
     @router.get("/warm-pools")
     async def list_targets(who: CallerDep) -> dict[str, list[dict[str, object]]]:
