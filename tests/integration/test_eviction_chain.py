@@ -121,11 +121,15 @@ async def test_pressure_frees_a_gpu_for_a_queued_user(
     alice, ops = api
     async with httpx.AsyncClient(base_url=gateway.url, timeout=60,
                                  headers={"Authorization": f"token {CAROL}"}) as carol:  # fmt: skip
-        held = [await start_kernel(alice, "python-gpu"), await start_kernel(carol, "python-gpu")]
-        for kernel_id, token in zip(held, (ALICE, CAROL), strict=True):
+        held = []
+        for client, token in ((alice, ALICE), (carol, CAROL)):
+            # one after the other: alice's last activity is older than carol's kernel even
+            # while carol's activity report is still on its way (reports go every 1 s)
+            kernel_id = await start_kernel(client, "python-gpu")
             session = uuid.uuid4().hex
             async with channels(gateway, kernel_id, token, session) as ws:
                 await execute(ws, "print('on a GPU')", session)  # then idle, tab closed
+            held.append(kernel_id)
         waiting = await carol.post("/api/kernels", json={"name": "python-gpu"})
         assert waiting.status_code == 201, waiting.text  # queued, then admitted
         found = (await ops.get("/v1/evictions", params={"limit": 10})).json()["evictions"]
