@@ -9,7 +9,9 @@ share (bench/README.md).
 :class:`LightActivityWatchMixin` keeps the same attributes with the same meaning - every
 IOPub message is activity, ``status`` messages set the execution state - but reads only
 the header of each message, and checks the signature only of the ``status`` messages it
-believes (a forged one must not make a busy kernel look idle to the eviction sweep).
+believes (a forged one must not make a busy kernel look idle to the eviction sweep). The
+kernel's welcomes to the gateway's own subscriptions (:mod:`.welcome`) are not activity: a
+browser tab reconnecting does not keep an idle kernel alive.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import json
 from typing import Any
 
 from jupyter_server._tz import utcnow
+
+from .welcome import is_welcome
 
 DELIMITER = b"<IDS|MSG>"
 
@@ -70,6 +74,8 @@ class LightActivityWatchMixin:
         session = kernel.session
 
         def record_activity(msg_list: list[bytes]) -> None:
+            if is_welcome(msg_list):
+                return
             self.last_kernel_activity = kernel.last_activity = utcnow()
             state = execution_state_of(msg_list, session)
             if state is not None:

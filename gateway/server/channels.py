@@ -1,7 +1,7 @@
 """The kernel channels websocket: owner check, TCP_NODELAY, and fast same-session reconnects.
 
 :class:`ChannelsMixin` goes before EG's ``ZMQChannelsHandler`` (jupyter_server 1.24's) and
-changes four things:
+changes five things:
 
 - ``get``: someone else's kernel is 404, before anything else happens;
 - ``open``: sets TCP_NODELAY on the upgraded socket (Nagle costs ~40 ms a message), and drops
@@ -11,7 +11,10 @@ changes four things:
   at most ``stale_connection_timeout`` seconds, then torn down (stock waits without limit);
   a stale one that has not finished its upgrade yet is told to give up;
 - ``on_close``: a connection that never opened, or was replaced, neither counts as a
-  disconnect nor buffers messages for the session that replaced it.
+  disconnect nor buffers messages for the session that replaced it;
+- ``nudge``: a kernel known to welcome new iopub subscriptions is not nudged with
+  kernel_info requests; its welcome confirms the connection (:mod:`.welcome`), and the
+  welcomes meant for other connections are not passed on to this one's client.
 """
 
 from __future__ import annotations
@@ -20,8 +23,11 @@ from typing import Any
 
 from .errors import GatewayError
 from .reconnect import close_within, usable_buffer
+from .welcome import is_welcome, welcome_nudge, welcomes
 
 STALE_TIMEOUT_SETTING = "kf_stale_connection_timeout"
+#: Seconds a connection waits for its iopub welcome before falling back to the stock nudge.
+WELCOME_TIMEOUT_S = 2.0
 
 
 class ChannelsMixin:
@@ -100,6 +106,18 @@ class ChannelsMixin:
         self._kf_opened = True
         self._drop_unusable_buffer(kernel_id)
         return super().open(kernel_id)  # type: ignore[misc]
+
+    def nudge(self) -> Any:
+        kernel = self.kernel_manager.get_kernel(self.kernel_id)
+        if not welcomes(kernel) or getattr(kernel, "execution_state", None) == "busy":
+            return super().nudge()  # type: ignore[misc]
+        return welcome_nudge(self.channels["iopub"], fallback=super().nudge,  # type: ignore[misc]
+                             timeout_s=WELCOME_TIMEOUT_S, kernel_id=self.kernel_id)  # fmt: skip
+
+    def _on_zmq_reply(self, stream: Any, msg_list: list[Any]) -> None:
+        if is_welcome(msg_list):
+            return  # the kernel welcoming another connection of the gateway's
+        super()._on_zmq_reply(stream, msg_list)  # type: ignore[misc]
 
     def _drop_unusable_buffer(self, kernel_id: str) -> None:
         km = self.kernel_manager

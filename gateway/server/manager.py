@@ -46,6 +46,7 @@ from .policy import USERNAME_VAR, check_may_start, home_for, scheduler_kernelspe
 from .ports import DistinctPortsMixin
 from .scheduler import NoScheduler, Scheduler
 from .warm import WARM_VAR, WarmPool
+from .welcome import probe_soon
 
 DEFAULT_LAUNCH_TIMEOUT_S = 30.0  # EG's own default (EG_KERNEL_LAUNCH_TIMEOUT)
 KERNELSPEC_CACHE_S = 1.0  # how long a kernelspec read from disk is reused
@@ -211,6 +212,7 @@ class KernelfleetMappingKernelManager(LightActivityWatchMixin, RemoteMappingKern
                 500, f"Kernel '{kernel_name}' failed to start.", code="launch_failed"
             ) from e
         self.log.info("Kernel %s (%s) started for %s", kernel_id, kernel_name, identity.name)
+        probe_soon(self.get_kernel(kernel_id), kernel_id)
         return kernel_id
 
     def _queue_wait_s(self, env: dict[str, str]) -> float:

@@ -35,12 +35,12 @@ import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import zmq.asyncio
 from tornado import web
 
 from .errors import GatewayError
 from .identity import Identity
 from .policy import USERNAME_VAR, curated_metadata, scheduler_kernelspec_name
+from .welcome import probe, shared_context
 
 if TYPE_CHECKING:
     from .manager import KernelfleetMappingKernelManager
@@ -118,7 +118,6 @@ class WarmPool:
         self.claimed: set[str] = set()  # kernels handed to a user (their start is a claim)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._context: zmq.asyncio.Context | None = None
         self._problems: dict[str, str] = {}  # kernel name -> last refill problem logged
 
     # -- what is warm ------------------------------------------------------------------------
@@ -256,23 +255,20 @@ class WarmPool:
                  time.perf_counter() - began, len(self.ready[kernel_name]))  # fmt: skip
         return True
 
-    def _zmq_context(self) -> zmq.asyncio.Context:
-        """One ZMQ context for every warm kernel's connection (jupyter_client 6 would make
-        a context, with its own I/O thread, for each client and never end it)."""
-        if self._context is None:
-            self._context = zmq.asyncio.Context()
-        return self._context
-
     async def _connect(self, kernel_id: str) -> Any:
         """A shell connection to the kernel once it answers, after one warm-up execution."""
         km = self._manager.get_kernel(kernel_id)
-        client = km.client(context=self._zmq_context())
+        # One ZMQ context for them all: jupyter_client 6 would make one, with its own I/O
+        # thread, for each client and never end it.
+        client = km.client(context=shared_context())
         client.start_channels(shell=True, iopub=False, stdin=False, hb=False, control=False)
         try:
             info = await client.kernel_info(reply=True, timeout=READY_TIMEOUT_S)
             # The first execution of a fresh IPython is the slow one: not on the claim's path.
             await client.execute("pass", silent=True, store_history=False, reply=True,
                                  user_expressions=CHECKS, timeout=READY_TIMEOUT_S)  # fmt: skip
+            # Whether its channels connections can skip the kernel_info nudge (.welcome).
+            await probe(km)
         except BaseException:
             _close_shell(client)
             raise
