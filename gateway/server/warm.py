@@ -9,16 +9,21 @@ starts in ``<kernel_home_root>/.warm`` with ``KERNEL_WARM=true`` and ``KERNEL_US
 to :data:`WARM_USERNAME`; once it answers, a shell
 connection to it is kept open for the claim.
 
-A user's start claims the oldest ready kernel of its kernelspec (:meth:`WarmPool.claim`):
+A user's start claims the oldest ready kernel of its kernelspec (:meth:`WarmPool.claim`).
+Two things happen at once, and the kernel is handed over when both have succeeded:
 
-1. the scheduler moves the lease to the user, checking their quota as a cold start would
-   (a refusal refuses the start and the kernel stays warm for the next user);
-2. the user's secrets are resolved (the same hook as a cold start);
-3. the kernel is personalised with one silent execute request that sets the env a cold start
-   gets (``KERNEL_USERNAME``, ``HOME``, the client's ``KERNEL_*`` values, GPUs, secrets),
-   drops ``KERNEL_WARM`` and changes to the user's home; its reply must show the user's name
-   and home back, else the kernel is stopped and the start goes on cold. Nobody ever gets a
-   half-personalised kernel, and the code is not kept in the kernel's history.
+- the scheduler moves the lease to the user, checking their quota as a cold start would;
+- the user's secrets are resolved (the same hook as a cold start) and the kernel is
+  personalised with one silent execute request that sets the env a cold start gets
+  (``KERNEL_USERNAME``, ``HOME``, the client's ``KERNEL_*`` values, the GPUs of its lease,
+  secrets), drops ``KERNEL_WARM`` and changes to the user's home; its reply must show the
+  user's name and home back. The code is not kept in the kernel's history.
+
+A failed personalisation stops the kernel and the start goes on cold: nobody ever gets a
+half-personalised kernel. A refused claim refuses the start; the kernel, possibly
+personalised already, is stopped (the pool refills). So that a user at their quota cannot
+drain the pool by retrying, their next claims for :data:`REFUSED_MEMORY_S` ask the
+scheduler first and personalise only once it agreed (a refusal then keeps the kernel warm).
 
 The kernel's own manager then holds the user's env and home, so a restart relaunches it as
 the user's. Warm kernels have no owner: no user (admins included) sees or opens them through
@@ -53,6 +58,8 @@ WARM_USERNAME = "kernelfleet-warm"
 READY_TIMEOUT_S = 60.0  # a warm kernel that has not answered by then is stopped
 #: Scheduler answers that mean "this warm kernel is gone or not warm": try the next one.
 _STALE_CODES = frozenset({"warm_taken", "unknown_lease"})
+#: Seconds after a refused claim during which that user's claims ask the scheduler first.
+REFUSED_MEMORY_S = 60.0
 
 
 @dataclass
@@ -63,6 +70,7 @@ class WarmKernel:
     kernel_name: str
     client: Any  # jupyter_client AsyncKernelClient with its shell channel open
     ready_at: float
+    env: dict[str, str]  # what its lease gives a kernel (GPU devices): a claim must agree
 
 
 def personalise_code(env: dict[str, str], home: str) -> str:
@@ -119,6 +127,7 @@ class WarmPool:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._problems: dict[str, str] = {}  # kernel name -> last refill problem logged
+        self._refused: dict[str, float] = {}  # user -> monotonic time of a refused claim
 
     # -- what is warm ------------------------------------------------------------------------
 
@@ -249,7 +258,7 @@ class WarmPool:
         self._problems.pop(kernel_name, None)
         manager._start_activity()  # the scheduler learns the kernel is up (lease state)
         self.ready.setdefault(kernel_name, []).append(
-            WarmKernel(kernel_id, kernel_name, client, time.time())
+            WarmKernel(kernel_id, kernel_name, client, time.time(), env)
         )
         log.info("Warm pool %s: kernel %s ready in %.2f s (%d ready)", kernel_name, kernel_id,
                  time.perf_counter() - began, len(self.ready[kernel_name]))  # fmt: skip
@@ -312,22 +321,39 @@ class WarmPool:
             # Not at once: starting a kernel takes a core for ~0.5 s, which the user's first
             # messages to the claimed kernel need more.
             self.wake(after_s=self.refill_delay_s)
+            claiming = manager.scheduler.claim_warm(
+                kernel_id=warm.kernel_id, user=identity.name, groups=sorted(identity.groups),
+                kernelspec=scheduler_kernelspec_name(kernel_name, spec or {}),
+                admin=identity.admin,
+            )  # fmt: skip
+            setup = None
+            if not self._refused_lately(identity.name):
+                setup = asyncio.ensure_future(
+                    self._personalise(warm, identity, kernel_name, spec, env, home)
+                )
             try:
-                admitted = await manager.scheduler.claim_warm(
-                    kernel_id=warm.kernel_id, user=identity.name, groups=sorted(identity.groups),
-                    kernelspec=scheduler_kernelspec_name(kernel_name, spec or {}),
-                    admin=identity.admin,
-                )  # fmt: skip
+                admitted = await claiming
             except GatewayError as e:
-                if e.code in _STALE_CODES:
-                    log.info("Warm kernel %s is gone (%s); trying the next", warm.kernel_id, e.code)
+                stale = e.code in _STALE_CODES
+                if setup is not None:  # perhaps personalised already, for nobody: stop it
+                    await asyncio.gather(setup, return_exceptions=True)
+                    _close(warm)
+                    await manager.abandon_claim(warm.kernel_id)
+                elif stale:
                     await self._discard(warm)
+                if stale:
+                    log.info("Warm kernel %s is gone (%s); trying the next", warm.kernel_id, e.code)
                     continue
-                kernels.insert(0, warm)  # refused for this user: still warm for others
+                if setup is None:
+                    kernels.insert(0, warm)  # refused for this user: still warm for others
+                else:
+                    self._refused[identity.name] = time.monotonic()
                 raise
             manager.adopt(warm.kernel_id, identity.name)
             try:
-                await self._personalise(warm, identity, kernel_name, spec, env, admitted, home)
+                await (setup or self._personalise(warm, identity, kernel_name, spec, env, home))
+                if admitted != warm.env:
+                    raise RuntimeError(f"its lease now gives {admitted}, not {warm.env}")
             except Exception as e:
                 log.warning("Warm kernel %s could not be personalised for %s (%s); stopping "
                             "it, starting cold", warm.kernel_id, identity.name, e)  # fmt: skip
@@ -342,15 +368,23 @@ class WarmPool:
             return warm.kernel_id
         return None
 
+    def _refused_lately(self, user: str) -> bool:
+        """Whether a claim of ``user``'s was refused in the last :data:`REFUSED_MEMORY_S`."""
+        now = time.monotonic()
+        for name, when in list(self._refused.items()):
+            if now - when > REFUSED_MEMORY_S:
+                del self._refused[name]
+        return user in self._refused
+
     async def _personalise(
         self, warm: WarmKernel, identity: Identity, kernel_name: str,
-        spec: dict[str, Any] | None, env: dict[str, str], admitted: dict[str, str], home: str,
+        spec: dict[str, Any] | None, env: dict[str, str], home: str,
     ) -> None:  # fmt: skip
         manager = self._manager
         os.makedirs(home, mode=0o700, exist_ok=True)
         await manager.compliance.prepare_secrets(warm.kernel_id, identity, kernel_name, spec)
         secret_env = manager.compliance.take_secret_env(warm.kernel_id)
-        pinned = {**admitted, USERNAME_VAR: identity.name, "HOME": home}
+        pinned = {**warm.env, USERNAME_VAR: identity.name, "HOME": home}
         user_env = {k: v for k, v in env.items() if k not in ("KERNEL_ID", WARM_VAR)}
         reply = await warm.client.execute(
             personalise_code({**user_env, **secret_env, **pinned}, home), silent=True,

@@ -2,7 +2,7 @@
 
 python-cpu's spec.yaml asks for 2 warm kernels; the gateway refills every 0.3 s. Users
 start kernels over EG's REST API and run code over its websocket, as the notebook server
-does; the scheduler's API shows who holds each lease.
+does; the scheduler's API shows who holds each lease. carol may hold one kernel.
 """
 
 from __future__ import annotations
@@ -54,8 +54,9 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gateway, S
         "c.KernelfleetMappingKernelManager.warm_interval = 0.3\n"
         "c.KernelfleetMappingKernelManager.warm_claim_timeout = 2.0\n"
     )
-    with scheduler_and_gateway(folder, kernelspecs_with(folder, _warm),
-                               gateway_config=config) as running:  # fmt: skip
+    quotas = {"quotas": {"users": {"carol": {"kernels": 1}}}}
+    with scheduler_and_gateway(folder, kernelspecs_with(folder, _warm), gateway_config=config,
+                               platform=quotas) as running:  # fmt: skip
         yield running
 
 
@@ -148,6 +149,33 @@ async def test_a_claim_hands_over_a_personalised_kernel_and_the_pool_refills(
     assert not refilled & {alices, bobs}  # a warm kernel serves one user, once
     for kernel_id, client in ((alices, api["alice"]), (bobs, api["bob"])):
         assert (await client.delete(f"/api/kernels/{kernel_id}")).status_code == 204
+
+
+async def test_a_refused_claim_gives_the_user_nothing_and_retries_do_not_drain_the_pool(
+    api: dict[str, httpx.AsyncClient],
+) -> None:
+    await full(api)
+    carols = await start_kernel(api["carol"], "python-cpu")  # her one kernel: a claim
+    try:
+        warm = await full(api)
+        refused = await api["carol"].post("/api/kernels", json={"name": "python-cpu"})
+        assert refused.status_code == 403
+        assert "kernel" in refused.json()["message"]
+        # The kernel that claim tried was personalised while the scheduler decided: stopped.
+        async with asyncio.timeout(10):
+            while len(warm - await warm_ids(api)) != 1:
+                await asyncio.sleep(0.1)
+        gone = warm - await warm_ids(api)
+        assert [p for p in psutil.process_iter() if _kernel_id(p) in gone] == []
+        warm = await full(api)
+        for _ in range(3):  # retries ask the scheduler first: the pool keeps its kernels
+            again = await api["carol"].post("/api/kernels", json={"name": "python-cpu"})
+            assert again.status_code == 403
+        assert await warm_ids(api) == warm
+        leases = (await api["ops"].get("/v1/leases", params={"user": "carol"})).json()
+        assert [lease["kernel_id"] for lease in leases["leases"]] == [carols]
+    finally:
+        assert (await api["carol"].delete(f"/api/kernels/{carols}")).status_code == 204
 
 
 async def test_a_lower_target_stops_warm_kernels_and_frees_their_room(

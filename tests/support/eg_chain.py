@@ -45,9 +45,10 @@ def kernelspecs_with(folder: Path, changes: Callable[[str, dict[str, Any]], None
 @contextmanager
 def scheduler_and_gateway(
     folder: Path, kernelspecs: Path, *, gateway_config: str = "",
-    scheduler_args: Sequence[str] = (),
+    scheduler_args: Sequence[str] = (), platform: dict[str, Any] | None = None,
 ) -> Iterator[tuple[Gateway, Stack]]:  # fmt: skip
-    """Redis, the scheduler and EG on free ports; all stopped on exit."""
+    """Redis, the scheduler and EG on free ports; all stopped on exit. ``platform``: more
+    kernelfleet.yaml settings (quotas, say)."""
     hub, hub_port = _serve(HubAPIStandIn)
     scheduler_port = free_port()
     gateway = Gateway(folder / "gateway", hub_port, scheduler_port, extra_config=gateway_config)
@@ -60,6 +61,7 @@ def scheduler_and_gateway(
                 "pools": {"cpu": {"cpus": 8, "memory": "32Gi"},
                           "gpu": {"cpus": 8, "memory": "32Gi", "gpus": 2,
                                   "simulated_gpus": True}},
+                **(platform or {}),
             }  # fmt: skip
             (folder / "kernelfleet.yaml").write_text(yaml.safe_dump(config))
             secrets = folder / "state" / "secrets"
