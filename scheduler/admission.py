@@ -89,7 +89,6 @@ def pool_capacity(pool: Pool) -> dict[str, int]:
 
 
 def admission_args(
-    kernel_id: str,
     *,
     user: str,
     groups: Sequence[str],
@@ -97,22 +96,36 @@ def admission_args(
     spec: KernelSpec,
     pool: Pool,
     quota: Quota,
-    now: float,
-    deadline: float,
     warm: bool = False,
 ) -> str:
-    """``ARGV[1]`` of the ADMIT script (see :mod:`scheduler.lua` for the fields)."""
+    """``ARGV[1]`` of the ADMIT script: what does not change from one request of this user
+    for this kernelspec to the next (see :mod:`scheduler.lua` for the fields; the kernel
+    id, ``now`` and ``deadline`` travel as ``ARGV[2..4]``)."""
     res = spec.resources
     return json.dumps(
         {
-            "kernel_id": kernel_id, "user": user, "kernelspec": spec.name, "pool": pool.name,
+            "user": user, "kernelspec": spec.name, "pool": pool.name,
             "cpus": repr(float(res.cpus)), "cpus_milli": to_milli(res.cpus),
             "memory": res.memory, "gpus": res.gpus,
-            "groups": json.dumps(sorted(set(groups))), "admin": admin,
-            "now": now, "deadline": deadline, "window": GPU_WINDOW_S,
+            "groups": json.dumps(sorted(set(groups))), "admin": admin, "window": GPU_WINDOW_S,
             "quota": quota_limits(quota), "capacity": pool_capacity(pool), "warm": warm,
         }
     )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """The parts of an admission that depend only on who asks for what, and what they
+    were computed from (a change of any of those objects computes them again)."""
+
+    spec: KernelSpec
+    pool: Pool
+    quotas: Quotas
+    args: str
+
+
+#: Prepared admissions kept (user x groups x kernelspec): dropped all at once when full.
+_PREPARED_KEPT = 20_000
 
 
 class Admitter:
@@ -142,6 +155,7 @@ class Admitter:
         self.max_wait_s = max_wait_s
         self._script = redis.register_script(lua.ADMIT)
         self._batcher = batcher_for(redis)
+        self._prepared_args: dict[tuple[str, str, tuple[str, ...], bool, bool], _Prepared] = {}
 
     def kernelspec(self, name: str, groups: Iterable[str], *, admin: bool = False) -> KernelSpec:
         """The kernelspec ``name`` if this user may use it; raise otherwise."""
@@ -170,27 +184,22 @@ class Admitter:
         kernel (``user`` is the warm pool's owner): it holds pool capacity, counts against no
         quota and never queues (see :mod:`scheduler.warm`).
         """
-        spec = self.kernelspec(kernelspec, groups, admin=admin or warm)
-        pool = self._pools[spec.pool]
-        quota = Quota() if warm else effective_quota(self.quotas, user, groups)
-        wait_s = 0.0 if warm else wait_s
+        spec, pool, args = self._prepared(kernelspec, user, groups, admin, warm)
         now = round(self._clock(), 3)
-        wait = min(max(wait_s, 0.0), self.max_wait_s)
+        wait = 0.0 if warm else min(max(wait_s, 0.0), self.max_wait_s)
         deadline = round(now + wait, 3) if wait > 0 else 0.0
-        args = admission_args(
-            kernel_id, user=user, groups=groups, admin=admin, spec=spec, pool=pool,
-            quota=quota, now=now, deadline=deadline, warm=warm,
-        )  # fmt: skip
-        script_keys = keys.ScriptKeys.for_kernel(kernel_id, user=user, pool=pool.name)
+        script_keys = keys.ScriptKeys.list_for(kernel_id, user=user, pool=pool.name)
         with unavailable_as(self._location):
-            reply = await self._batcher.script(self._script, script_keys.as_list(), [args])
+            reply = await self._batcher.script(
+                self._script, script_keys, (args, kernel_id, repr(now), repr(deadline))
+            )
         kind = reply[0]
         if kind == "exists":
             lease = Lease.from_redis(dict(zip(reply[1::2], reply[2::2], strict=True)))
             return Admission(lease=lease, env=kernel_env(lease), created=False)
         if kind == "admitted":
             res = spec.resources
-            lease = Lease(
+            lease = Lease.model_construct(
                 kernel_id=kernel_id, user=user, kernelspec=spec.name, pool=pool.name,
                 cpus=res.cpus, memory=res.memory, gpus=res.gpus,
                 gpu_devices=[int(d) for d in reply[1].split(",") if d],
@@ -207,6 +216,28 @@ class Admitter:
         if kind == "conflict":
             raise LeaseConflict(messages.lease_conflict(kernel_id))
         raise self.refusal(reply, spec=spec, groups=groups, admin=admin)
+
+    def _prepared(
+        self, kernelspec: str, user: str, groups: list[str], admin: bool, warm: bool
+    ) -> tuple[KernelSpec, Pool, str]:
+        """The kernelspec (checked for this user), its pool and ``ARGV[1]``, computed once
+        per user, groups and kernelspec while the kernelspecs, pools and quotas stay."""
+        key = (kernelspec, user, tuple(groups), admin, warm)
+        found = self._prepared_args.get(key)
+        spec = self.kernelspecs.get(kernelspec)
+        if found is not None and found.spec is spec and found.quotas is self.quotas:
+            pool = self._pools.get(found.spec.pool)
+            if pool is found.pool:
+                return found.spec, found.pool, found.args
+        spec = self.kernelspec(kernelspec, groups, admin=admin or warm)
+        pool = self._pools[spec.pool]
+        quota = Quota() if warm else effective_quota(self.quotas, user, groups)
+        args = admission_args(user=user, groups=groups, admin=admin, spec=spec, pool=pool,
+                              quota=quota, warm=warm)  # fmt: skip
+        if len(self._prepared_args) >= _PREPARED_KEPT:
+            self._prepared_args.clear()
+        self._prepared_args[key] = _Prepared(spec, pool, self.quotas, args)
+        return spec, pool, args
 
     def refusal(
         self, reply: Sequence[str], *, spec: KernelSpec, groups: Sequence[str], admin: bool

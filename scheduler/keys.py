@@ -236,6 +236,16 @@ class ScriptKeys:
         """The keys in ``KEYS`` order."""
         return [getattr(self, name) for name in _SCRIPT_KEY_NAMES]
 
+    @staticmethod
+    def list_for(kernel_id: str, *, user: str, pool: str) -> list[str]:
+        """``for_kernel(...).as_list()``, for the hot path: the keys of ``user`` and ``pool``
+        are built once (:func:`_owner_keys`); only the kernel's own three are new."""
+        found = list(_owner_keys(user, pool))
+        found[_LEASE], found[_ENTRY], found[_STOPPED] = (
+            lease(kernel_id), queued(kernel_id), stopped(kernel_id)
+        )  # fmt: skip
+        return found
+
     @classmethod
     def lua_bindings(cls) -> str:
         """Lua that names the keys: ``local K = {lease = KEYS[1], ...}``."""
@@ -244,3 +254,10 @@ class ScriptKeys:
 
 
 _SCRIPT_KEY_NAMES = tuple(f.name for f in fields(ScriptKeys))
+_LEASE, _ENTRY, _STOPPED = (_SCRIPT_KEY_NAMES.index(n) for n in ("lease", "entry", "stopped"))
+
+
+@lru_cache(maxsize=16384)
+def _owner_keys(user: str, pool: str) -> tuple[str, ...]:
+    """The script keys of ``user`` in ``pool``, the kernel's own left as placeholders."""
+    return tuple(ScriptKeys.for_kernel("-", user=user, pool=pool).as_list())

@@ -64,10 +64,11 @@ class Lease(BaseModel):
 
     @classmethod
     def from_redis(cls, fields: dict[str, str]) -> Lease:
-        """A lease from its Redis hash."""
+        """A lease from its Redis hash (the scheduler's own writing: converted, not
+        validated again)."""
         devices = fields.get("gpu_devices", "")
         stopped = fields.get("stopped")
-        return cls(
+        return cls.model_construct(
             kernel_id=fields["kernel_id"],
             user=fields["user"],
             kernelspec=fields["kernelspec"],
@@ -147,11 +148,11 @@ class LeaseStore:
                         return None
                     owner = fields["user"], fields["pool"]
                 user, pool = owner
-                script_keys = keys.ScriptKeys.for_kernel(kernel_id, user=user, pool=pool)
+                script_keys = keys.ScriptKeys.list_for(kernel_id, user=user, pool=pool)
                 now = round(self._clock(), 3)
                 args: list[Arg] = [kernel_id, user, pool, repr(now), reason, STOPPED_KEEP_S,
                                    GPU_WINDOW_S]  # fmt: skip
-                reply = await self._batcher.script(self._release, script_keys.as_list(), args)
+                reply = await self._batcher.script(self._release, script_keys, args)
                 if reply[0] == "gone":
                     return None
                 if reply[0] == "released":

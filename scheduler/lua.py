@@ -5,13 +5,13 @@ Each script starts with the same prelude: ``K``, the keys of one kernel by name 
 positions), and a few shared functions. Decisions that need the clock get ``now`` from
 Python (the scheduler's injectable clock); no script reads Redis' own time.
 
-Admission arguments travel as one JSON object (``ARGV[1]``), built by
-:func:`scheduler.admission.admission_args`:
-
-``kernel_id, user, kernelspec, pool, cpus`` (text), ``cpus_milli, memory, gpus`` (numbers),
-``groups`` (JSON text), ``admin`` (bool), ``now``, ``deadline`` (0: do not queue), ``window``
-(seconds of the GPU-hour window), ``quota``: ``{kernels, cpus_milli, memory, gpus,
-gpu_seconds}`` (-1 = unlimited), ``capacity``: ``{cpus_milli, memory, gpus}``.
+Admission arguments: ``ARGV[1]`` is one JSON object, the same for every request of a user
+for a kernelspec (built once by :func:`scheduler.admission.admission_args`, and kept with a
+queued request): ``user, kernelspec, pool, cpus`` (text), ``cpus_milli, memory, gpus``
+(numbers), ``groups`` (JSON text), ``admin``, ``warm`` (bools), ``window`` (seconds of the
+GPU-hour window), ``quota``: ``{kernels, cpus_milli, memory, gpus, gpu_seconds}`` (-1 =
+unlimited), ``capacity``: ``{cpus_milli, memory, gpus}``. ``ARGV[2..4]``: ``kernel_id``,
+``now``, ``deadline`` (0: do not queue).
 
 Replies are flat lists whose first element names the outcome:
 
@@ -209,6 +209,7 @@ ADMIT = (
     _PRELUDE
     + """
 local a = cjson.decode(ARGV[1])
+a.kernel_id, a.now, a.deadline = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local existing = redis.call('HGETALL', K.lease)
 if #existing > 0 then
   local lease = {}
@@ -263,12 +264,14 @@ PROMOTE = (
     + """
 local head = redis.call('ZRANGE', K.queue, 0, 0)
 if head[1] ~= ARGV[1] then return {'not_head'} end
-local e = redis.call('HMGET', K.entry, 'state', 'member', 'args', 'enqueued', 'tag')
+local e = redis.call('HMGET', K.entry, 'state', 'member', 'args', 'enqueued', 'tag',
+                     'kernel_id')
 if e[1] ~= 'waiting' or e[2] ~= ARGV[1] then
   redis.call('ZREM', K.queue, ARGV[1])  -- a place without a waiting request: drop it
   return {'stale'}
 end
 local a = cjson.decode(e[3])
+a.kernel_id = e[6]
 local now_and_capacity = cjson.decode(ARGV[2])
 a.now = now_and_capacity.now
 a.capacity = now_and_capacity.capacity
@@ -331,7 +334,6 @@ local lease = {}
 for i = 1, #fields, 2 do lease[fields[i]] = fields[i + 1] end
 if lease.user ~= ARGV[2] or lease.pool ~= ARGV[3] then return {'moved'} end
 local kid, now, keep, window = ARGV[1], tonumber(ARGV[4]), tonumber(ARGV[6]), tonumber(ARGV[7])
-redis.call('DEL', K.lease)
 redis.call('ZREM', K.leases, kid)
 redis.call('SREM', K.user_leases, kid)
 redis.call('SREM', K.pool_leases, kid)
@@ -360,8 +362,7 @@ if gpus > 0 then
   redis.call('ZADD', K.gpu_done, ts(now), int(gpus) .. '|' .. lease.created .. '|' .. kid)
   redis.call('ZREMRANGEBYSCORE', K.gpu_done, '-inf', '(' .. ts(now - window))
 end
-redis.call('DEL', K.stopped)
-redis.call('HSET', K.stopped, unpack(fields))
+redis.call('RENAME', K.lease, K.stopped)  -- replaces an older stopped copy
 redis.call('HSET', K.stopped, 'state', 'stopped', 'stopped', ts(now), 'stop_reason', ARGV[5])
 redis.call('EXPIRE', K.stopped, keep)
 redis.call('ZADD', K.stopped_index, ts(now), kid)

@@ -28,7 +28,7 @@ reports the same shared state.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -58,6 +58,7 @@ class SchedulerMetrics:
 
         self.admissions = labelled(Counter, "admissions", "Admission decisions.",
                                    ["decision", "reason"])  # fmt: skip
+        self._admission_counters: dict[tuple[str, str], Any] = {}
         self.admission_seconds = Histogram(
             "admission_seconds", "Time to decide an admission, Redis round trip included.",
             namespace=NAMESPACE, registry=self.registry,
@@ -100,7 +101,11 @@ class SchedulerMetrics:
 
     def admission(self, decision: str, reason: str) -> None:
         """Count one admission decision."""
-        self.admissions.labels(decision=decision, reason=reason).inc()
+        counter = self._admission_counters.get((decision, reason))
+        if counter is None:  # labels() is a lookup under a lock: once per kind
+            counter = self.admissions.labels(decision=decision, reason=reason)
+            self._admission_counters[decision, reason] = counter
+        counter.inc()
 
     def waited(self, pool: str, outcome: str, seconds: float) -> None:
         """Record how long a request waited in ``pool``'s queue before ``outcome``."""
