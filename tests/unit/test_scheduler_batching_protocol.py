@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from redis import exceptions as redis_errors
 
-from scheduler.batching import _Incomplete, pack, parse
+from scheduler.batching import Replies, pack
 
 
 def _encode(value: object) -> bytes:
@@ -23,20 +23,18 @@ def _encode(value: object) -> bytes:
 REPLIES = [["admitted", ""], ["queued", 3], None, ["a\r\nb", ["é", [None, -1]]], "x" * 300]
 
 
-def test_replies_parse_whole_and_never_early() -> None:
+def test_replies_come_whole_and_never_early() -> None:
     buf = b"".join(_encode(r) for r in REPLIES) + b"+OK\r\n"
-    got, pos = [], 0
-    while pos < len(buf):
-        reply, pos = parse(buf, pos, True)
-        got.append(reply)
-    assert got == [*REPLIES, "OK"]
-    for cut in range(len(_encode(REPLIES[3]))):  # any prefix is incomplete, never wrong
-        with pytest.raises(_Incomplete):
-            parse(_encode(REPLIES[3])[:cut], 0, True)
+    assert Replies(decode=True).feed(buf) == [*REPLIES, "OK"]
+    for cut in range(1, len(buf)):  # split anywhere: the same replies, none early
+        replies = Replies(decode=True)
+        first = replies.feed(buf[:cut])
+        assert first == [*REPLIES, "OK"][: len(first)]
+        assert first + replies.feed(buf[cut:]) == [*REPLIES, "OK"]
 
 
 def test_bytes_stay_bytes_without_decoding() -> None:
-    assert parse(_encode(["a", 1]), 0, False)[0] == [b"a", 1]
+    assert Replies(decode=False).feed(_encode(["a", 1])) == [[b"a", 1]]
 
 
 @pytest.mark.parametrize(
@@ -49,8 +47,13 @@ def test_bytes_stay_bytes_without_decoding() -> None:
     ],
 )
 def test_errors_are_returned_as_redis_py_exceptions(line: bytes, kind: type) -> None:
-    error, pos = parse(line, 0, True)
-    assert type(error) is kind and pos == len(line)
+    [error] = Replies(decode=True).feed(line)
+    assert type(error) is kind and str(error) == line[1:-2].decode()
+
+
+def test_bytes_that_are_not_the_protocol_are_an_invalid_response() -> None:
+    with pytest.raises(redis_errors.InvalidResponse):
+        Replies(decode=True).feed(b"?what\r\n")
 
 
 def test_loading_counts_as_redis_unreachable() -> None:
@@ -64,4 +67,4 @@ def test_pack_writes_what_redis_reads() -> None:
     )
     assert pack(("SET", "é")) == b"*2\r\n$3\r\nSET\r\n$2\r\n\xc3\xa9\r\n"
     with pytest.raises(redis_errors.DataError):
-        pack(("SET", True))  # type: ignore[arg-type]
+        pack(("SET", None))  # type: ignore[arg-type]
