@@ -119,7 +119,13 @@ def welcome_nudge(
         if msg_list and msg_list[0] == topic and not welcomed.done():
             welcomed.set_result(None)
 
+    def stop() -> None:
+        if not stream.closed():  # the client may have gone meanwhile (closing the stream)
+            stream.stop_on_recv()
+
     async def wait() -> None:
+        if stream.closed():
+            return
         stream.on_recv(on_iopub)
         stream.socket.setsockopt(zmq.SUBSCRIBE, topic)
         try:
@@ -127,10 +133,10 @@ def welcome_nudge(
         except asyncio.TimeoutError:
             log.warning("Kernel %s sent no iopub welcome in %.1f s; nudging it instead",
                         kernel_id, timeout_s)  # fmt: skip
-            stream.stop_on_recv()
+            stop()
             await fallback()
         else:
-            stream.stop_on_recv()
+            stop()
         finally:
             if not stream.closed():
                 stream.socket.setsockopt(zmq.UNSUBSCRIBE, topic)

@@ -59,6 +59,18 @@ def iopub_stream(km: Any) -> ZMQStream:
     return ZMQStream(socket)
 
 
+async def run(km: AsyncKernelManager, code: str) -> None:
+    """Execute ``code`` on ``km``'s kernel from a client of its own; its output has been
+    published once this returns."""
+    client = km.client()
+    client.start_channels()
+    try:
+        await client.execute(code, reply=True, timeout=30)
+    finally:
+        client.stop_channels()
+    await asyncio.sleep(0.2)
+
+
 async def test_a_real_kernel_welcomes_a_subscription_even_when_everything_is_subscribed(
     kernel: AsyncKernelManager,
 ) -> None:
@@ -101,13 +113,7 @@ async def test_a_welcome_confirms_a_connection_without_any_request_to_the_kernel
         # The connection still gets everything afterwards (its "" subscription is intact).
         got: list[list[bytes]] = []
         stream.on_recv(got.append)
-        client = kernel.client()
-        client.start_channels()
-        try:
-            await client.execute("print('hello')", reply=True, timeout=30)
-        finally:
-            client.stop_channels()
-        await asyncio.sleep(0.2)
+        await run(kernel, "print('hello')")
         assert any(b"hello" in part for msg in got for part in msg)
     finally:
         watch.close()
@@ -149,14 +155,26 @@ async def test_a_welcome_is_not_kernel_activity(kernel: AsyncKernelManager) -> N
         assert await probe(kernel)  # the welcome reaches every subscription to ""
         await asyncio.sleep(0.2)
         assert watched.last_activity == before  # type: ignore[attr-defined]
-        client = kernel.client()
-        client.start_channels()
-        try:
-            await client.execute("1 + 1", reply=True, timeout=30)
-        finally:
-            client.stop_channels()
-        await asyncio.sleep(0.2)
+        await run(kernel, "1 + 1")
         assert watched.last_activity > before  # type: ignore[attr-defined]
         assert watched.execution_state == "idle"  # type: ignore[attr-defined]
     finally:
         watched._activity_stream.close()  # type: ignore[attr-defined]
+
+
+async def test_a_connection_closed_while_it_waits_ends_its_nudge_quietly() -> None:
+    silent = Silent()
+    stream = iopub_stream(silent)
+    ran: list[bool] = []
+
+    async def fallback() -> None:
+        ran.append(True)
+
+    try:
+        nudge = welcome_nudge(stream, fallback=fallback, timeout_s=0.3, kernel_id="k")
+        await asyncio.sleep(0.05)
+        stream.close()  # the browser went away: jupyter_server closes the streams
+        await nudge  # no error from the closed stream
+        assert ran == [True]  # the stock nudge then sees the closed connection itself
+    finally:
+        silent.socket.close(0)
