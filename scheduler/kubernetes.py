@@ -12,6 +12,9 @@ reads the pools' capacity from their nodes before the scheduler serves. Then
 - :class:`~scheduler.kubernetes_warm.PlaceholderScaler`: placeholder pods per pool follow the
   warm targets.
 
+A claimed warm kernel's pod is relabelled as its user's (``kernelfleet.io/owner``, and
+``kernelfleet.io/warm: "false"``), in the background: the claim does not wait for it.
+
 Admissions also hand the kernel its placement (``KERNEL_CPUS``, ``KERNEL_MEMORY`` in bytes,
 ``KERNEL_GPUS``), which the kernel pod template turns into requests and limits.
 
@@ -32,8 +35,14 @@ from fastapi import APIRouter, FastAPI, Request
 from redis.asyncio import Redis
 
 from kernelfleet.config import PlatformConfig
+from kernelfleet.kernelspecs.launch_kubernetes import pod_name, safe_name
 from kernelfleet.kernelspecs.spec import KernelSpec
-from kernelfleet.kubernetes_settings import KubernetesSettings, kubernetes_settings
+from kernelfleet.kubernetes_settings import (
+    OWNER_LABEL,
+    WARM_LABEL,
+    KubernetesSettings,
+    kubernetes_settings,
+)
 
 from . import keys, models
 from .admission import Admission
@@ -41,7 +50,7 @@ from .errors import SchedulerError
 from .kubernetes_nodes import LivePools, NodeWatch
 from .kubernetes_pods import FailStart, PodWatch, StartFailure
 from .kubernetes_warm import PlaceholderScaler, Targets, live_targets, static_targets
-from .kubernetes_watch import KubeClient, connect
+from .kubernetes_watch import KubeClient, KubernetesError, connect
 from .leases import Lease
 from .store import unavailable_as
 from .warm import WarmTargets
@@ -91,10 +100,17 @@ class StartFailures:
 
 
 class WithPlacementEnv:
-    """A Scheduler whose admissions also carry :func:`placement_env` (everything else as is)."""
+    """A Scheduler whose admissions also carry :func:`placement_env`, and whose warm claims
+    relabel their pods (``on_claimed``); everything else as is."""
 
-    def __init__(self, scheduler: Any) -> None:
+    def __init__(self, scheduler: Any, *, on_claimed: Any = None) -> None:
         self._scheduler = scheduler
+        self._on_claimed = on_claimed
+
+    def warm_claimed(self, lease: Lease) -> None:
+        """A warm kernel became ``lease.user``'s."""
+        if self._on_claimed is not None:
+            self._on_claimed(lease)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._scheduler, name)
@@ -189,7 +205,26 @@ class KubernetesBackend:
         for name, loop in (("nodes", self.nodes.run()), ("pods", self.pod_watch.run()),
                            ("placeholders", scaler.run())):  # fmt: skip
             self._tasks.append(asyncio.create_task(loop, name=f"kubernetes-{name}"))
-        return WithPlacementEnv(scheduler)
+        return WithPlacementEnv(scheduler, on_claimed=self._relabel_soon)
+
+    def _relabel_soon(self, lease: Lease) -> None:
+        self._spawn(self.relabel_claimed(lease), "relabel")
+
+    async def relabel_claimed(self, lease: Lease) -> None:
+        """Label a claimed warm kernel's pod as its user's (logged, not raised, if it fails)."""
+        name = pod_name(lease.kernel_id)
+        try:
+            found = await self.kube.label_pod(
+                self.settings.namespace, name,
+                labels={OWNER_LABEL: safe_name(lease.user), WARM_LABEL: "false"},
+                annotations={OWNER_LABEL: lease.user},
+            )  # fmt: skip
+        except KubernetesError as e:
+            log.warning("claimed warm kernel %s: its pod keeps its warm labels (%s)",
+                        lease.kernel_id, e)  # fmt: skip
+            return
+        if not found:
+            log.info("claimed warm kernel %s has no pod %s to relabel", lease.kernel_id, name)
 
     def _spawn(self, work: Awaitable[object], name: str) -> None:
         task = asyncio.ensure_future(work)

@@ -155,6 +155,23 @@ class KubeClient:
             raise KubernetesError(f"deleting pod {namespace}/{name}: {status}", status=status)
         return True
 
+    async def label_pod(
+        self, namespace: str, name: str, *, labels: dict[str, str], annotations: dict[str, str]
+    ) -> bool:
+        """Merge ``labels`` and ``annotations`` into pod ``name``'s; False if it is gone."""
+        patch = {"metadata": {"labels": labels, "annotations": annotations}}
+        try:
+            await self.core.patch_namespaced_pod(
+                name, namespace, patch, _content_type="application/merge-patch+json"
+            )
+        except ApiException as e:
+            if e.status == 404:
+                return False
+            raise _error(f"labelling pod {namespace}/{name}", e) from e
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+            raise _error(f"labelling pod {namespace}/{name}", e) from e
+        return True
+
     async def scale(self, namespace: str, name: str) -> int:
         """The replicas of Deployment ``name``."""
         try:

@@ -31,7 +31,7 @@ from .errors import (
     UnknownAdmission,
     UnknownKernelspec,
 )
-from .leases import LeaseStore
+from .leases import Lease, LeaseStore
 from .metrics import SchedulerMetrics
 from .pools import Pool, from_milli
 from .queue import HEARTBEAT_TIMEOUT_S, Entry, Outcome, Queue
@@ -301,6 +301,9 @@ class Scheduler:
             self.notifier.notify()
 
     # -- leases ------------------------------------------------------------------------------
+
+    def warm_claimed(self, lease: Lease) -> None:
+        """A warm kernel became ``lease.user``'s (the Kubernetes backend relabels its pod)."""
 
     async def release(self, kernel_id: str, *, reason: str = "released") -> bool:
         """Release the lease of ``kernel_id``; the head of its pool's queue gets the room."""

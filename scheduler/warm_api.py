@@ -105,6 +105,7 @@ def warm_router(scheduler: Scheduler) -> APIRouter:
             kernelspec=kernelspec, admin=body.admin,
         )  # fmt: skip
         scheduler.metrics.admission("admitted", "warm")
+        scheduler.warm_claimed(decision.lease)
         return _admitted(decision)
 
     return router

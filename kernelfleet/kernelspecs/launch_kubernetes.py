@@ -70,6 +70,11 @@ def safe_name(text: str, *, max_length: int = 40) -> str:
     return f"{cleaned[: max_length - 9].strip('-')}-{digest}".strip("-")
 
 
+def pod_name(kernel_id: str) -> str:
+    """The name of ``kernel_id``'s pod (the scheduler relabels it when a warm one is claimed)."""
+    return f"kernel-{kernel_id}"
+
+
 def cpu_quantity(cpus: float) -> str:
     """CPUs as a Kubernetes quantity: whole cores as "2", fractions in millicores ("1500m")."""
     milli = round(cpus * 1000)
@@ -108,7 +113,7 @@ def launch_values(
         raise LaunchError(f"placement cpus={cpus} memory={memory} gpus={gpus} is not usable")
     return {
         "kernel_id": kernel_id,
-        "pod_name": f"kernel-{kernel_id}",
+        "pod_name": pod_name(kernel_id),
         "secret_name": f"kernel-{kernel_id}-env",
         "owner": owner,
         "owner_label": safe_name(owner) if owner else "",

@@ -209,3 +209,35 @@ async def test_launcher_refuses_another_namespace(
     code, err, _ = await run_launcher(folder, cluster, str(uuid.uuid4()),
                                       KERNEL_NAMESPACE="kube-system")  # fmt: skip
     assert code == 2 and "must not be overridden" in err
+
+
+async def test_a_claimed_warm_kernels_pod_is_labelled_as_its_users(
+    stack: Stack, cluster: ClusterUnderTest, tmp_path: Path
+) -> None:
+    if cluster.standin is None:
+        pytest.skip("needs a node that runs the kernel image")
+    pool = cluster.pool("cpu")
+    spec = kernelspec_for(pool, image="kernelfleet/kernel-python:0.1.0")
+    folder = write_kernelspec(tmp_path / "python-test", spec, settings_for(cluster, pool))
+    kernel_id = str(uuid.uuid4())
+    warm = await stack.http.post(
+        "/v1/warm-pools/python-test/kernels", json={"kernel_id": kernel_id}
+    )
+    assert warm.status_code == 201, warm.text
+    code, err, _ = await run_launcher(folder, cluster, kernel_id, KERNEL_WARM="true",
+                                      KERNEL_USERNAME="kernelfleet-warm")  # fmt: skip
+    assert code == 0, err
+    pods = cluster.standin.objects["pods"]
+    key = (cluster.namespace, f"kernel-{kernel_id}")
+    assert pods[key]["metadata"]["labels"]["kernelfleet.io/warm"] == "true"  # nobody's yet
+
+    body = {"kernel_id": kernel_id, "user": "Alice.Smith", "groups": [], "admin": False}
+    claimed = await stack.http.post("/v1/warm-pools/python-test/claims", json=body)
+    assert claimed.status_code == 200, claimed.text
+    async with asyncio.timeout(10):  # relabelled in the background
+        while pods[key]["metadata"]["labels"]["kernelfleet.io/warm"] != "false":
+            await asyncio.sleep(0.05)
+    metadata = pods[key]["metadata"]
+    assert metadata["labels"]["kernelfleet.io/owner"].startswith("alice-smith-")  # label-safe
+    assert metadata["annotations"]["kernelfleet.io/owner"] == "Alice.Smith"
+    assert metadata["labels"]["kernelfleet.io/pool"] == pool  # the rest is kept

@@ -281,7 +281,7 @@ def test_rbac_is_least_privilege(overlay: str) -> None:
     assert cluster_wide == [{"apiGroups": [""], "resources": ["nodes"],
                              "verbs": ["get", "list", "watch"]}]  # fmt: skip
     local = {tuple(rule["resources"]): rule for scope, rule in scheduler if scope == KERNEL_NS}
-    assert set(local[("pods",)]["verbs"]) == {"get", "list", "watch", "delete"}
+    assert set(local[("pods",)]["verbs"]) == {"get", "list", "watch", "delete", "patch"}
     placeholders = {d["metadata"]["name"] for d in of_kind(docs, "Deployment")
                     if d["metadata"]["namespace"] == KERNEL_NS}  # fmt: skip
     assert set(local[("deployments/scale",)]["resourceNames"]) == placeholders
