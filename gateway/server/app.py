@@ -30,6 +30,7 @@ from .handlers import kernelfleet_handlers
 from .identity import HubIdentityResolver
 from .manager import KernelfleetMappingKernelManager
 from .metrics import metrics_handlers
+from .ports import below_ephemeral_range
 from .redaction import install_redaction
 from .scheduler import NoScheduler, Scheduler, SchedulerClient
 
@@ -56,6 +57,13 @@ class KernelfleetGatewayApp(ComplianceSettings, EnterpriseGatewayApp):
         # Stock Jupyter logs a broken config file and starts with defaults: for a gateway that
         # would mean no scheduler or the wrong hub, so fail instead.
         return True
+
+    @default("port_range")
+    def _default_port_range(self) -> str:
+        # Stock "0..0" binds to port 0: kernels' ports then come from the ephemeral range,
+        # where every outgoing connection's local port comes from too, and one of those can
+        # take a port between EG choosing it and the kernel binding it (bench/README.md).
+        return os.getenv(self.port_range_env) or below_ephemeral_range()
 
     hub_api_url = Unicode(
         "http://127.0.0.1:8081/hub/api",

@@ -8,6 +8,13 @@ minutes for a kernel that never answers. With 50 users starting kernels at once 
 happened about once per run (bench/README.md, users phase). jupyter_client 8 keeps a cache
 of the ports it handed out for the same reason; :class:`DistinctPortsMixin` does the same
 for EG's kernel managers.
+
+Binding to port 0 also takes ports from the system's ephemeral range, where every outgoing
+connection (a websocket to EG, an HTTP client) gets its local port, and one of those can
+take a kernel's port in the same window (seen in the bench: ``Address already in use`` from
+a kernel's heartbeat socket). So the gateway's default ``port_range`` (EG's setting, also
+``EG_PORT_RANGE``) is :func:`below_ephemeral_range`: EG then picks kernels' ports at random
+from below that range, checking each is free.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any, ClassVar
 
 from jupyter_client.connect import port_names
@@ -22,6 +30,19 @@ from jupyter_client.connect import port_names
 #: Seconds a handed-out port is kept from other launches (a kernel binds it within that).
 RESERVE_S = 300.0
 MAX_TRIES = 10
+EPHEMERAL_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+LOWEST_PORT = 10000
+
+
+def below_ephemeral_range(ephemeral: Path = EPHEMERAL_RANGE_FILE) -> str:
+    """EG's ``port_range`` for kernels: from :data:`LOWEST_PORT` to just below the ephemeral
+    range; "0..0" (EG picks any free port) when that range starts too low or is unknown."""
+    try:
+        first = int(ephemeral.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return "0..0"
+    # EG wants at least EG_MIN_PORT_RANGE_SIZE (1000) ports in a range.
+    return f"{LOWEST_PORT}..{first - 1}" if first - 1 - LOWEST_PORT >= 1000 else "0..0"
 
 
 class PortLedger:

@@ -8,6 +8,7 @@ does; the scheduler's API shows who holds each lease. carol may hold one kernel.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import uuid
@@ -118,6 +119,12 @@ async def test_the_pool_fills_and_its_kernels_are_nobodys(
     assert {lease["user"] for lease in leases["leases"]} == {"@warm"}
     alice_usage = (await api["ops"].get("/v1/users/alice/usage")).json()["used"]
     assert alice_usage["kernels"] == 0
+    # Their ports are below the ephemeral range, which outgoing connections draw from.
+    ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for process in (p for p in psutil.process_iter() if _kernel_id(p) in warm):
+        connection = json.loads(Path(process.cmdline()[-1]).read_text())
+        assert all(connection[f"{c}_port"] < ephemeral
+                   for c in ("shell", "iopub", "stdin", "control", "hb")), connection  # fmt: skip
 
 
 async def test_a_claim_hands_over_a_personalised_kernel_and_the_pool_refills(

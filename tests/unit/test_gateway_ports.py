@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from jupyter_client.connect import port_names
 
-from gateway.server.ports import DistinctPortsMixin, PortLedger
+from gateway.server.ports import DistinctPortsMixin, PortLedger, below_ephemeral_range
 
 
 class FakeClock:
@@ -74,3 +75,11 @@ def test_ports_set_by_the_caller_are_kept() -> None:
     manager.shell_port = 7  # configured, not random: never re-picked nor refused
     manager.write_connection_file()
     assert manager.shell_port == 7 and manager.writes == 1
+
+
+def test_kernels_ports_come_from_below_the_ephemeral_range(tmp_path: Path) -> None:
+    (tmp_path / "usual").write_text("32768\t60999\n")
+    assert below_ephemeral_range(tmp_path / "usual") == "10000..32767"
+    (tmp_path / "low").write_text("1024\t65535\n")  # no room below: EG's own pick
+    assert below_ephemeral_range(tmp_path / "low") == "0..0"
+    assert below_ephemeral_range(tmp_path / "missing") == "0..0"
