@@ -38,7 +38,7 @@ import os
 import time
 import uuid
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from tornado import web
 
@@ -60,6 +60,7 @@ READY_TIMEOUT_S = 60.0  # a warm kernel that has not answered by then is stopped
 _STALE_CODES = frozenset({"warm_taken", "unknown_lease"})
 #: Seconds after a refused claim during which that user's claims ask the scheduler first.
 REFUSED_MEMORY_S = 60.0
+_NEXT = object()  # a claim found its kernel gone: try the next one
 
 
 @dataclass
@@ -123,6 +124,7 @@ class WarmPool:
         self.claim_timeout_s = claim_timeout_s
         self.ready: dict[str, list[WarmKernel]] = {}  # kernel name -> oldest first
         self.starting: dict[str, str] = {}  # kernel id -> kernel name
+        self.claiming: dict[str, str] = {}  # kernel id -> kernel name, out for a claim
         self.claimed: set[str] = set()  # kernels handed to a user (their start is a claim)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -221,8 +223,9 @@ class WarmPool:
                     break  # no room now (or it failed): next round
 
     def _have(self, name: str) -> int:
-        starting = sum(1 for n in self.starting.values() if n == name)
-        return len(self.ready.get(name, [])) + starting
+        # A kernel out for a claim may come back (refused): not replaced before it is known.
+        pending = [*self.starting.values(), *self.claiming.values()]
+        return len(self.ready.get(name, [])) + sum(1 for n in pending if n == name)
 
     async def _start_one(self, kernel_name: str) -> bool:
         """Start one warm kernel of ``kernel_name``; whether it is ready now."""
@@ -297,6 +300,14 @@ class WarmPool:
             self._problems[kernel_name] = text
             log.warning("Warm pool %s: %s", kernel_name or "(all)", text)
 
+    async def _abandon(self, warm: WarmKernel) -> None:
+        """Stop a kernel taken out of the pool for a claim that did not complete."""
+        _close(warm)
+        try:
+            await self._manager.abandon_claim(warm.kernel_id)
+        except Exception:
+            log.warning("Could not stop abandoned warm kernel %s", warm.kernel_id, exc_info=True)
+
     async def _discard(self, warm: WarmKernel) -> None:
         _close(warm)
         await self._manager.discard_warm(warm.kernel_id)
@@ -314,59 +325,77 @@ class WarmPool:
     ) -> str | None:
         """Hand a ready kernel of ``kernel_name`` to ``identity``; its id, or None (start
         cold). Raises the scheduler's refusal (quota) as a cold start would."""
-        manager = self._manager
         kernels = self.ready.get(kernel_name)
         while kernels:
             warm = kernels.pop(0)
-            # Not at once: starting a kernel takes a core for ~0.5 s, which the user's first
-            # messages to the claimed kernel need more.
-            self.wake(after_s=self.refill_delay_s)
-            claiming = manager.scheduler.claim_warm(
-                kernel_id=warm.kernel_id, user=identity.name, groups=sorted(identity.groups),
-                kernelspec=scheduler_kernelspec_name(kernel_name, spec or {}),
-                admin=identity.admin,
-            )  # fmt: skip
-            setup = None
-            if not self._refused_lately(identity.name):
-                setup = asyncio.ensure_future(
-                    self._personalise(warm, identity, kernel_name, spec, env, home)
-                )
+            self.claiming[warm.kernel_id] = kernel_name
             try:
-                admitted = await claiming
-            except GatewayError as e:
-                stale = e.code in _STALE_CODES
-                if setup is not None:  # perhaps personalised already, for nobody: stop it
-                    await asyncio.gather(setup, return_exceptions=True)
-                    _close(warm)
-                    await manager.abandon_claim(warm.kernel_id)
-                elif stale:
-                    await self._discard(warm)
-                if stale:
-                    log.info("Warm kernel %s is gone (%s); trying the next", warm.kernel_id, e.code)
-                    continue
-                if setup is None:
-                    kernels.insert(0, warm)  # refused for this user: still warm for others
-                else:
-                    self._refused[identity.name] = time.monotonic()
-                raise
-            manager.adopt(warm.kernel_id, identity.name)
-            try:
-                await (setup or self._personalise(warm, identity, kernel_name, spec, env, home))
-                if admitted != warm.env:
-                    raise RuntimeError(f"its lease now gives {admitted}, not {warm.env}")
-            except Exception as e:
-                log.warning("Warm kernel %s could not be personalised for %s (%s); stopping "
-                            "it, starting cold", warm.kernel_id, identity.name, e)  # fmt: skip
-                _close(warm)
-                await manager.abandon_claim(warm.kernel_id)
-                return None
-            # closing sockets is not the user's wait: after the answer is on its way
-            asyncio.get_running_loop().call_soon(_close, warm)
-            self.claimed.add(warm.kernel_id)
-            log.info("Kernel %s (%s) claimed warm by %s", warm.kernel_id, kernel_name,
-                     identity.name)  # fmt: skip
-            return warm.kernel_id
+                claimed = await self._claim(warm, identity, kernel_name, spec, env, home)
+            finally:
+                self.claiming.pop(warm.kernel_id, None)
+            if claimed is not _NEXT:
+                return cast("str | None", claimed)
         return None
+
+    async def _claim(
+        self, warm: WarmKernel, identity: Identity, kernel_name: str,
+        spec: dict[str, Any] | None, env: dict[str, str], home: str,
+    ) -> str | None | object:  # fmt: skip
+        """One claim of ``warm``: its id, None (start cold) or :data:`_NEXT` (it was gone:
+        try the next one); raises the scheduler's refusal."""
+        manager = self._manager
+        # Not at once: starting a kernel takes a core for ~0.5 s, which the user's first
+        # messages to the claimed kernel need more.
+        self.wake(after_s=self.refill_delay_s)
+        claiming = manager.scheduler.claim_warm(
+            kernel_id=warm.kernel_id, user=identity.name, groups=sorted(identity.groups),
+            kernelspec=scheduler_kernelspec_name(kernel_name, spec or {}),
+            admin=identity.admin,
+        )  # fmt: skip
+        setup = None
+        if not self._refused_lately(identity.name):
+            setup = asyncio.ensure_future(
+                self._personalise(warm, identity, kernel_name, spec, env, home)
+            )
+        try:
+            admitted = await claiming
+        except GatewayError as e:
+            stale = e.code in _STALE_CODES
+            if setup is not None:  # perhaps personalised already, for nobody: stop it
+                await asyncio.gather(setup, return_exceptions=True)
+                await self._abandon(warm)
+            elif stale:
+                await self._discard(warm)
+            if stale:
+                log.info("Warm kernel %s is gone (%s); trying the next", warm.kernel_id, e.code)
+                return _NEXT
+            if setup is None:  # refused for this user: still warm for others
+                self.ready.setdefault(kernel_name, []).insert(0, warm)
+            else:
+                self._refused[identity.name] = time.monotonic()
+            raise
+        except BaseException:  # the start was cancelled (client gone), or a bug
+            if setup is not None:
+                setup.cancel()
+            # Nobody's now; stopped in the background: this task may be cancelled.
+            asyncio.ensure_future(self._abandon(warm))
+            raise
+        manager.adopt(warm.kernel_id, identity.name)
+        try:
+            await (setup or self._personalise(warm, identity, kernel_name, spec, env, home))
+            if admitted != warm.env:
+                raise RuntimeError(f"its lease now gives {admitted}, not {warm.env}")
+        except Exception as e:
+            log.warning("Warm kernel %s could not be personalised for %s (%s); stopping "
+                        "it, starting cold", warm.kernel_id, identity.name, e)  # fmt: skip
+            await self._abandon(warm)
+            return None
+        # closing sockets is not the user's wait: after the answer is on its way
+        asyncio.get_running_loop().call_soon(_close, warm)
+        self.claimed.add(warm.kernel_id)
+        log.info("Kernel %s (%s) claimed warm by %s", warm.kernel_id, kernel_name,
+                 identity.name)  # fmt: skip
+        return warm.kernel_id
 
     def _refused_lately(self, user: str) -> bool:
         """Whether a claim of ``user``'s was refused in the last :data:`REFUSED_MEMORY_S`."""
