@@ -130,6 +130,11 @@ async def test_pressure_frees_a_gpu_for_a_queued_user(
             async with channels(gateway, kernel_id, token, session) as ws:
                 await execute(ws, "print('on a GPU')", session)  # then idle, tab closed
             held.append(kernel_id)
+        # Pressure picks among leases reported idle: wait for both reports (1 s apart under
+        # load they may come after the queued request, and then only carol's would count).
+        async with asyncio.timeout(30):
+            while {(await ops.get(f"/v1/leases/{k}")).json()["state"] for k in held} != {"idle"}:
+                await asyncio.sleep(0.1)
         waiting = await carol.post("/api/kernels", json={"name": "python-gpu"})
         assert waiting.status_code == 201, waiting.text  # queued, then admitted
         found = (await ops.get("/v1/evictions", params={"limit": 10})).json()["evictions"]
