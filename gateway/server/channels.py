@@ -111,8 +111,12 @@ class ChannelsMixin:
         kernel = self.kernel_manager.get_kernel(self.kernel_id)
         if not welcomes(kernel) or getattr(kernel, "execution_state", None) == "busy":
             return super().nudge()  # type: ignore[misc]
+        def still_starting() -> bool:
+            return getattr(kernel, "execution_state", None) == "starting"
+
         return welcome_nudge(self.channels["iopub"], fallback=super().nudge,  # type: ignore[misc]
-                             timeout_s=WELCOME_TIMEOUT_S, kernel_id=self.kernel_id)  # fmt: skip
+                             timeout_s=WELCOME_TIMEOUT_S, kernel_id=self.kernel_id,
+                             still_starting=still_starting)  # fmt: skip
 
     def _on_zmq_reply(self, stream: Any, msg_list: list[Any]) -> None:
         if is_welcome(msg_list):

@@ -106,12 +106,16 @@ def probe_soon(km: Any, kernel_id: str) -> None:
 
 
 def welcome_nudge(
-    stream: Any, *, fallback: Callable[[], Awaitable[Any]], timeout_s: float, kernel_id: str
+    stream: Any, *, fallback: Callable[[], Awaitable[Any]], timeout_s: float, kernel_id: str,
+    still_starting: Callable[[], bool] = lambda: False,
 ) -> asyncio.Future[None]:
     """A nudge for a kernel that welcomes: resolves when the welcome for a topic of this
     connection arrives on ``stream`` (its iopub ZMQStream), else after ``timeout_s`` runs
     ``fallback`` (the stock nudge). Other iopub messages meanwhile are dropped, as the stock
-    nudge drops them: the client is not subscribed yet."""
+    nudge drops them: the client is not subscribed yet. If ``still_starting()`` after the
+    welcome (no status from the kernel has reached EG yet), the stock nudge runs too: its
+    kernel_info makes the kernel publish its state, which the activity watch (and so idle
+    eviction) needs."""
     topic = _topic()
     welcomed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
@@ -137,6 +141,8 @@ def welcome_nudge(
             await fallback()
         else:
             stop()
+            if still_starting():
+                await fallback()
         finally:
             if not stream.closed():
                 stream.socket.setsockopt(zmq.UNSUBSCRIBE, topic)

@@ -178,3 +178,26 @@ async def test_a_connection_closed_while_it_waits_ends_its_nudge_quietly() -> No
         assert ran == [True]  # the stock nudge then sees the closed connection itself
     finally:
         silent.socket.close(0)
+
+
+async def test_a_kernel_not_yet_known_to_be_up_is_nudged_after_its_welcome(
+    kernel: AsyncKernelManager,
+) -> None:
+    """The activity watch learns a kernel's state from its status messages; a welcome is
+    none, so a kernel still "starting" for EG gets the stock nudge's kernel_info too."""
+    stream = iopub_stream(kernel)
+    ran: list[bool] = []
+
+    async def fallback() -> None:
+        ran.append(True)
+
+    try:
+        await welcome_nudge(stream, fallback=fallback, timeout_s=5, kernel_id="k",
+                            still_starting=lambda: True)  # fmt: skip
+        assert ran == [True]
+        ran.clear()
+        await welcome_nudge(stream, fallback=fallback, timeout_s=5, kernel_id="k",
+                            still_starting=lambda: False)  # fmt: skip
+        assert ran == []
+    finally:
+        stream.close()
