@@ -111,6 +111,7 @@ class ChannelsMixin:
         kernel = self.kernel_manager.get_kernel(self.kernel_id)
         if not welcomes(kernel) or getattr(kernel, "execution_state", None) == "busy":
             return super().nudge()  # type: ignore[misc]
+
         def still_starting() -> bool:
             return getattr(kernel, "execution_state", None) == "starting"
 

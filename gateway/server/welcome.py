@@ -106,7 +106,11 @@ def probe_soon(km: Any, kernel_id: str) -> None:
 
 
 def welcome_nudge(
-    stream: Any, *, fallback: Callable[[], Awaitable[Any]], timeout_s: float, kernel_id: str,
+    stream: Any,
+    *,
+    fallback: Callable[[], Awaitable[Any]],
+    timeout_s: float,
+    kernel_id: str,
     still_starting: Callable[[], bool] = lambda: False,
 ) -> asyncio.Future[None]:
     """A nudge for a kernel that welcomes: resolves when the welcome for a topic of this
