@@ -99,10 +99,10 @@ class ActivityRecorder:
                 if user is None or pool is None:
                     applied.unknown.append(report.kernel_id)
                     continue
-                script_keys = keys.ScriptKeys.for_kernel(report.kernel_id, user=user, pool=pool)
+                script_keys = keys.ScriptKeys.list_for(report.kernel_id, user=user, pool=pool)
                 seen = min(report.last_activity or 0.0, now)  # never in the future
                 args = [state or "", repr(round(seen, 3)), str(report.connections)]
-                await self._script(keys=script_keys.as_list(), args=args, client=pipe)
+                await self._script(keys=script_keys, args=args, client=pipe)
                 sent.append(report.kernel_id)
             replies = await pipe.execute() if sent else []
         for kernel_id, reply in zip(sent, replies, strict=True):

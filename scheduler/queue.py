@@ -154,9 +154,9 @@ class Queue:
             user, pool, enqueued = found
             if user is None or pool is None:
                 return None
-            script_keys = keys.ScriptKeys.for_kernel(kernel_id, user=user, pool=pool)
+            script_keys = keys.ScriptKeys.list_for(kernel_id, user=user, pool=pool)
             now = self._now()
-            reply = await self._leave(keys=script_keys.as_list(), args=[state, repr(now)])
+            reply = await self._leave(keys=script_keys, args=[state, repr(now)])
         if reply[0] != "left":
             return None
         log.info("kernel %s of %s left the queue of pool %s (%s) at position %s",
@@ -179,9 +179,9 @@ class Queue:
                 if user is None:  # the entry expired under a stray member: drop it
                     await batcher.command("ZREM", keys.pool_queue(pool), head[0])
                     continue
-                script_keys = keys.ScriptKeys.for_kernel(kernel_id, user=user, pool=pool)
+                script_keys = keys.ScriptKeys.list_for(kernel_id, user=user, pool=pool)
                 args = [head[0], json.dumps({"now": self._now(), "capacity": capacity})]
-                reply = await batcher.script(self._promote, script_keys.as_list(), args)
+                reply = await batcher.script(self._promote, script_keys, args)
                 if reply[0] == "wait":
                     break
                 if reply[0] in ("stale", "not_head"):

@@ -77,10 +77,10 @@ class UsageReader:
 
     async def gpu_seconds(self, user: str) -> float:
         """GPU-seconds ``user`` held in the last 24 hours (running kernels included)."""
-        script_keys = keys.ScriptKeys.for_kernel("-", user=user, pool="-")
+        script_keys = keys.ScriptKeys.list_for("-", user=user, pool="-")
         args = [repr(round(self._clock(), 3)), GPU_WINDOW_S]
         with unavailable_as(self._location):
-            return float(await self._gpu_seconds(keys=script_keys.as_list(), args=args))
+            return float(await self._gpu_seconds(keys=script_keys, args=args))
 
     async def of_user(self, user: str, *, groups: Sequence[str] | None = None) -> Usage:
         """``user``'s usage against the quota of ``groups`` (default: as last seen)."""

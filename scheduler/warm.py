@@ -255,7 +255,7 @@ class WarmClaims:
             "warm_user": WARM_USER, "groups": json.dumps(sorted(set(groups))), "admin": admin,
             "now": round(self._clock(), 3), "window": GPU_WINDOW_S, "quota": quota_limits(quota),
         })  # fmt: skip
-        script_keys = keys.ScriptKeys.for_kernel(kernel_id, user=user, pool=pool.name).as_list()
+        script_keys = keys.ScriptKeys.list_for(kernel_id, user=user, pool=pool.name)
         script_keys += [keys.user_leases(WARM_USER), keys.user_usage(WARM_USER),
                         keys.user_gpu_running(WARM_USER)]  # fmt: skip
         with unavailable_as(self._location):
