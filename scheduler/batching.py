@@ -227,13 +227,6 @@ class Batcher:
             return await self._client().execute_command(*args)
         return await self._call(pack(args))
 
-    async def hgetall(self, key: str) -> dict[str, str]:
-        """HGETALL as a dict."""
-        if not self.batched:
-            return await self._client().hgetall(key)  # type: ignore[return-value]
-        flat = await self._call(pack(("HGETALL", key)))
-        return dict(zip(flat[::2], flat[1::2], strict=True))
-
     @staticmethod
     def _loop() -> asyncio.AbstractEventLoop:
         return asyncio.get_running_loop()

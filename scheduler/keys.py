@@ -17,8 +17,7 @@ key                                         type    content
 ``kf:user:{user}:gpu:running``              zset    ``gpus|kernel_id`` by start time
 ``kf:user:{user}:gpu:done``                 zset    ``gpus|start|kernel_id`` by end time (24 h)
 ``kf:user:{user}:queued``                   set     kernel_ids of a user's waiting requests
-``kf:user:{user}:profile``                  hash    groups (JSON), admin, seen: last admission
-``kf:users``                                zset    user names by last admission time
+``kf:user:{user}:profile``                  hash    groups (JSON), admin: as of the last admission
 ``kf:pool:{pool}:leases``                   set     kernel_ids of the leases in a pool
 ``kf:pool:{pool}:usage``                    hash    kernels, cpus_milli, memory, gpus used in pool
 ``kf:pool:{pool}:states``                   hash    lease state -> number of leases in that state
@@ -44,6 +43,7 @@ key                                         type    content
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, fields
 from functools import lru_cache
 from urllib.parse import quote
@@ -51,7 +51,6 @@ from urllib.parse import quote
 PREFIX = "kf"
 LEASES = f"{PREFIX}:leases"
 STOPPED = f"{PREFIX}:leases:stopped"
-USERS = f"{PREFIX}:users"
 QUEUE_DEADLINES = f"{PREFIX}:queue:deadlines"
 QUEUE_SEEN = f"{PREFIX}:queue:seen"
 RECONCILE_MISSING = f"{PREFIX}:reconcile:missing"
@@ -62,12 +61,18 @@ EVICTIONS = f"{PREFIX}:evictions"
 WARM_TARGETS = f"{PREFIX}:warm:targets"
 
 
-@lru_cache(maxsize=65536)
-def _part(name: str) -> str:
-    """Encode a user-supplied name so it cannot break out of its key segment.
+#: The names ``quote(name, safe="")`` leaves as they are (letters, digits, ``_.-~``).
+_PLAIN = re.compile(r"[A-Za-z0-9_.~-]*").fullmatch
 
-    Cached: every admission and release encodes the same few user and pool names again.
-    """
+
+def _part(name: str) -> str:
+    """Encode a user-supplied name so it cannot break out of its key segment."""
+    return name if _PLAIN(name) else _quoted(name)
+
+
+@lru_cache(maxsize=65536)
+def _quoted(name: str) -> str:
+    """Cached: every admission and release of a user like ``a@b`` encodes it again."""
     return quote(name, safe="")
 
 
@@ -201,7 +206,6 @@ class ScriptKeys:
     stopped: str
     stopped_index: str
     profile: str
-    users: str
 
     @classmethod
     def for_kernel(cls, kernel_id: str, *, user: str, pool: str) -> ScriptKeys:
@@ -229,7 +233,6 @@ class ScriptKeys:
             stopped=stopped(kernel_id),
             stopped_index=STOPPED,
             profile=user_profile(user),
-            users=USERS,
         )
 
     def as_list(self) -> list[str]:

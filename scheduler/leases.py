@@ -15,7 +15,6 @@ activity reports) -> ``stopped`` (released; listed for :data:`STOPPED_KEEP_S`).
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -89,9 +88,12 @@ class Lease(BaseModel):
 
 @dataclass(frozen=True)
 class Released:
-    """A released lease, and how many requests waited for its pool right after."""
+    """A released lease's pool, and how many requests waited for it right after.
 
-    lease: Lease
+    (The lease itself stays readable as ``state="stopped"`` for :data:`STOPPED_KEEP_S`.)
+    """
+
+    pool: str
     waiting: int
 
 
@@ -125,15 +127,9 @@ class LeaseStore:
         if len(owners) > _OWNERS_KEPT:
             del owners[next(iter(owners))]  # the oldest
 
-    async def release(self, kernel_id: str, *, reason: str = "released") -> Lease | None:
-        """Delete the lease and give back what it held; the released lease, or None."""
-        released = await self.release_counting_queue(kernel_id, reason=reason)
-        return released.lease if released is not None else None
-
-    async def release_counting_queue(
-        self, kernel_id: str, *, reason: str = "released"
-    ) -> Released | None:
-        """:meth:`release`, also saying how many requests then waited for the lease's pool.
+    async def release(self, kernel_id: str, *, reason: str = "released") -> Released | None:
+        """Delete the lease and give back what it held; its pool and how many requests then
+        waited for that pool, or None when there was no lease.
 
         The owner and pool decide which keys the script touches: they come from
         :meth:`remember` or are read first; the script checks they are still right, and the
@@ -143,10 +139,12 @@ class LeaseStore:
         with unavailable_as(self._location):
             for _ in range(_MAX_RELEASE_TRIES):
                 if owner is None:
-                    fields = await self._batcher.hgetall(keys.lease(kernel_id))
-                    if not fields:
+                    user, pool = await self._batcher.command(
+                        "HMGET", keys.lease(kernel_id), "user", "pool"
+                    )
+                    if user is None or pool is None:
                         return None
-                    owner = fields["user"], fields["pool"]
+                    owner = user, pool
                 user, pool = owner
                 script_keys = keys.ScriptKeys.list_for(kernel_id, user=user, pool=pool)
                 now = round(self._clock(), 3)
@@ -158,8 +156,7 @@ class LeaseStore:
                 if reply[0] == "released":
                     log.info("released kernel %s of %s in pool %s (%s)",
                              kernel_id, user, pool, reason)  # fmt: skip
-                    lease = Lease.from_redis(json.loads(reply[2]))
-                    return Released(lease=lease, waiting=int(reply[1]))
+                    return Released(pool=pool, waiting=int(reply[1]))
                 owner = None  # moved: read the owner and pool again
         return None
 

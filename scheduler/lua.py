@@ -59,13 +59,38 @@ local function gpu_seconds(now, window)
   return total
 end
 
--- nil when the user may hold one more kernel like `a`, else the refusal reply.
-local function check_quota(a, queued)
+-- The user's groups and admin flag as of this request, for usage reports (written only
+-- when they changed).
+local function remember_profile(a)
+  local admin = '0'
+  if a.admin then admin = '1' end
+  local known = redis.call('HMGET', K.profile, 'groups', 'admin')
+  if known[1] ~= a.groups or known[2] ~= admin then
+    redis.call('HSET', K.profile, 'groups', a.groups, 'admin', admin)
+  end
+end
+
+-- What a user or pool holds, read in one call: {kernels, cpus_milli, memory, gpus}.
+local USAGE = {'kernels', 'cpus_milli', 'memory', 'gpus'}
+local function usage(key)
+  local v = redis.call('HMGET', key, unpack(USAGE))
+  return {kernels = num(v[1]), cpus_milli = num(v[2]), memory = num(v[3]), gpus = num(v[4])}
+end
+
+-- Write `held` plus `sign` times one kernel like `a` back to `key` in one call.
+local function add_usage(key, held, a, sign)
+  redis.call('HSET', key, 'kernels', int(held.kernels + sign),
+             'cpus_milli', int(held.cpus_milli + sign * a.cpus_milli),
+             'memory', int(held.memory + sign * a.memory), 'gpus', int(held.gpus + sign * a.gpus))
+end
+
+-- nil when the user, holding `held`, may hold one more kernel like `a`, else the refusal.
+local function check_quota(a, queued, held)
   local need = {kernels = 1, cpus_milli = a.cpus_milli, memory = a.memory, gpus = a.gpus}
   for _, field in ipairs({'kernels', 'gpus', 'cpus_milli', 'memory'}) do
     local limit = a.quota[field]
     if limit >= 0 and need[field] > 0 then
-      local used = num(redis.call('HGET', K.user_usage, field))
+      local used = held[field]
       local waiting = 0
       if field == 'kernels' then waiting = queued end
       if used + waiting + need[field] > limit then
@@ -84,7 +109,9 @@ end
 
 -- Rebuild the free-device set on first use, after Redis lost its data, or when the
 -- pool's device count changed.
-local function sync_gpus(devices)
+-- Requests without GPUs in a pool without GPUs never read the set: nothing to do.
+local function sync_gpus(devices, a)
+  if devices == 0 and a.gpus == 0 then return end
   local synced = tonumber(redis.call('HGET', K.pool_meta, 'gpu_devices') or '-1')
   if synced ~= devices then
     redis.call('DEL', K.gpus_free)
@@ -110,14 +137,11 @@ local function never_fits(a)
   return nil
 end
 
--- nil when the pool has room for `a` now, else the 'pool' reply.
-local function check_capacity(a)
+-- nil when the pool, holding `held`, has room for `a` now, else the 'pool' reply.
+local function check_capacity(a, held)
   for _, field in ipairs({'cpus_milli', 'memory'}) do
-    if a[field] > 0 then
-      local used = num(redis.call('HGET', K.pool_usage, field))
-      if used + a[field] > a.capacity[field] then
-        return {'pool', field, int(used), int(a.capacity[field])}
-      end
+    if a[field] > 0 and held[field] + a[field] > a.capacity[field] then
+      return {'pool', field, int(held[field]), int(a.capacity[field])}
     end
   end
   if a.gpus > 0 then
@@ -141,7 +165,8 @@ local function take_gpus(a)
   return table.concat(picked, ',')
 end
 
-local function create_lease(a, devices, waited)
+-- `user_held`, `pool_held`: the usage read by the checks just before.
+local function create_lease(a, devices, waited, user_held, pool_held)
   local now = ts(a.now)
   redis.call('HSET', K.lease, 'kernel_id', a.kernel_id, 'user', a.user,
              'kernelspec', a.kernelspec, 'pool', a.pool, 'cpus', a.cpus,
@@ -152,11 +177,8 @@ local function create_lease(a, devices, waited)
   redis.call('ZADD', K.leases, now, a.kernel_id)
   redis.call('SADD', K.user_leases, a.kernel_id)
   redis.call('SADD', K.pool_leases, a.kernel_id)
-  local amounts = {kernels = 1, cpus_milli = a.cpus_milli, memory = a.memory, gpus = a.gpus}
-  for field, amount in pairs(amounts) do
-    redis.call('HINCRBY', K.user_usage, field, int(amount))
-    redis.call('HINCRBY', K.pool_usage, field, int(amount))
-  end
+  add_usage(K.user_usage, user_held, a, 1)
+  add_usage(K.pool_usage, pool_held, a, 1)
   redis.call('HINCRBY', K.pool_states, 'starting', 1)
   if a.gpus > 0 then
     redis.call('ZADD', K.gpu_running, now, int(a.gpus) .. '|' .. a.kernel_id)
@@ -210,47 +232,47 @@ ADMIT = (
     + """
 local a = cjson.decode(ARGV[1])
 a.kernel_id, a.now, a.deadline = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
-local existing = redis.call('HGETALL', K.lease)
-if #existing > 0 then
-  local lease = {}
-  for i = 1, #existing, 2 do lease[existing[i]] = existing[i + 1] end
-  if lease['user'] ~= a.user or lease['kernelspec'] ~= a.kernelspec then
-    return {'conflict'}
+if redis.call('EXISTS', K.lease, K.entry) > 0 then  -- asked before: same answer
+  local existing = redis.call('HGETALL', K.lease)
+  if #existing > 0 then
+    local lease = {}
+    for i = 1, #existing, 2 do lease[existing[i]] = existing[i + 1] end
+    if lease['user'] ~= a.user or lease['kernelspec'] ~= a.kernelspec then
+      return {'conflict'}
+    end
+    table.insert(existing, 1, 'exists')
+    return existing
   end
-  table.insert(existing, 1, 'exists')
-  return existing
+  local entry = redis.call('HMGET', K.entry, 'state', 'member', 'user', 'kernelspec')
+  if entry[1] == 'waiting' then
+    if entry[3] ~= a.user or entry[4] ~= a.kernelspec then return {'conflict'} end
+    return {'queued', redis.call('ZRANK', K.queue, entry[2]) + 1}
+  end
 end
 if not a.warm then  -- warm kernels belong to nobody yet: no profile, not a user
-  local admin = '0'
-  if a.admin then admin = '1' end
-  redis.call('HSET', K.profile, 'groups', a.groups, 'admin', admin, 'seen', ts(a.now))
-  redis.call('ZADD', K.users, ts(a.now), a.user)
+  remember_profile(a)
 end
 
-local entry = redis.call('HMGET', K.entry, 'state', 'member', 'user', 'kernelspec')
-if entry[1] == 'waiting' then
-  if entry[3] ~= a.user or entry[4] ~= a.kernelspec then return {'conflict'} end
-  return {'queued', redis.call('ZRANK', K.queue, entry[2]) + 1}
-end
-
-local refusal = check_quota(a, redis.call('SCARD', K.user_queued))
+local user_held = usage(K.user_usage)
+local refusal = check_quota(a, redis.call('SCARD', K.user_queued), user_held)
 if refusal then return refusal end
-sync_gpus(a.capacity.gpus)
+sync_gpus(a.capacity.gpus, a)
 local never = never_fits(a)
 if never then return never end
-local full
+local full, pool_held
 local waiting = redis.call('ZCARD', K.queue)
 if waiting > 0 then
   full = {'pool', 'queue', int(waiting), '0'}  -- no jumping the queue
 else
-  full = check_capacity(a)
+  pool_held = usage(K.pool_usage)
+  full = check_capacity(a, pool_held)
 end
 if full then
   if a.deadline > a.now then return {'queued', enqueue(a)} end
   return full
 end
 local devices = take_gpus(a)
-create_lease(a, devices, 0)
+create_lease(a, devices, 0, user_held, pool_held)
 return {'admitted', devices}
 """
 )
@@ -281,8 +303,9 @@ if redis.call('EXISTS', K.lease) == 1 then
   return {'admitted', redis.call('HGET', K.lease, 'gpu_devices') or '', ts(waited)}
 end
 -- this request is among the user's waiting ones: it does not count against itself
-local refusal = check_quota(a, redis.call('SCARD', K.user_queued) - 1)
-sync_gpus(a.capacity.gpus)
+local user_held = usage(K.user_usage)
+local refusal = check_quota(a, redis.call('SCARD', K.user_queued) - 1, user_held)
+sync_gpus(a.capacity.gpus, a)
 if not refusal then
   refusal = never_fits(a)
   if refusal then refusal[1] = 'never' end
@@ -294,9 +317,10 @@ if refusal then
   served(e[5])
   return refusal
 end
-if check_capacity(a) then return {'wait'} end
+local pool_held = usage(K.pool_usage)
+if check_capacity(a, pool_held) then return {'wait'} end
 local devices = take_gpus(a)
-create_lease(a, devices, waited)
+create_lease(a, devices, waited, user_held, pool_held)
 dequeue(e[2], a.kernel_id, 'admitted', a.now, {'waited', ts(waited)})
 served(e[5])
 return {'admitted', devices, ts(waited)}
@@ -323,38 +347,38 @@ return {'left', position}
 # Release a lease: give back its counters and GPU devices, account its GPU time, keep a
 # stopped copy. ARGV: 1 kernel_id, 2 user, 3 pool (as read just before), 4 now, 5 reason,
 # 6 seconds to keep stopped leases, 7 GPU-hour window (s). Replies {'released', requests
-# waiting in the pool's queue, the lease's fields as a JSON object}, {'gone'},
-# or {'moved'} (owner/pool changed since the caller read them: read again and retry).
+# waiting in the pool's queue}, {'gone'}, or {'moved'} (owner/pool changed since the caller
+# read them: read again and retry). Only the fields it needs are read (not HGETALL).
 RELEASE = (
     _PRELUDE
     + """
-local fields = redis.call('HGETALL', K.lease)
-if #fields == 0 then return {'gone'} end
-local lease = {}
-for i = 1, #fields, 2 do lease[fields[i]] = fields[i + 1] end
-if lease.user ~= ARGV[2] or lease.pool ~= ARGV[3] then return {'moved'} end
+local f = redis.call('HMGET', K.lease, 'user', 'pool', 'state', 'cpus_milli', 'memory', 'gpus',
+                     'gpu_devices', 'created')
+if not f[1] then return {'gone'} end
+if f[1] ~= ARGV[2] or f[2] ~= ARGV[3] then return {'moved'} end
+local lease = {state = f[3], cpus_milli = f[4], memory = f[5], gpus = f[6], gpu_devices = f[7],
+               created = f[8]}
 local kid, now, keep, window = ARGV[1], tonumber(ARGV[4]), tonumber(ARGV[6]), tonumber(ARGV[7])
 redis.call('ZREM', K.leases, kid)
 redis.call('SREM', K.user_leases, kid)
 redis.call('SREM', K.pool_leases, kid)
 local gpus = num(lease.gpus)
-local amounts = {kernels = 1, cpus_milli = num(lease.cpus_milli), memory = num(lease.memory),
-                 gpus = gpus}
-for field, amount in pairs(amounts) do
-  if amount ~= 0 then
-    redis.call('HINCRBY', K.user_usage, field, int(-amount))
-    redis.call('HINCRBY', K.pool_usage, field, int(-amount))
-  end
+local held = {cpus_milli = num(lease.cpus_milli), memory = num(lease.memory), gpus = gpus}
+local user_held = usage(K.user_usage)
+if user_held.kernels <= 1 then
+  redis.call('DEL', K.user_usage)  -- their last kernel
+else
+  add_usage(K.user_usage, user_held, held, -1)
 end
-if num(redis.call('HGET', K.user_usage, 'kernels')) <= 0 then
-  redis.call('DEL', K.user_usage)
-end
+add_usage(K.pool_usage, usage(K.pool_usage), held, -1)
 redis.call('HINCRBY', K.pool_states, lease.state or 'starting', -1)
-local devices = num(redis.call('HGET', K.pool_meta, 'gpu_devices'))
-for device in string.gmatch(lease.gpu_devices or '', '[^,]+') do
-  if redis.call('HGET', K.gpus_held, device) == kid then
-    redis.call('HDEL', K.gpus_held, device)
-    if tonumber(device) < devices then redis.call('SADD', K.gpus_free, device) end
+if (lease.gpu_devices or '') ~= '' then
+  local devices = num(redis.call('HGET', K.pool_meta, 'gpu_devices'))
+  for device in string.gmatch(lease.gpu_devices, '[^,]+') do
+    if redis.call('HGET', K.gpus_held, device) == kid then
+      redis.call('HDEL', K.gpus_held, device)
+      if tonumber(device) < devices then redis.call('SADD', K.gpus_free, device) end
+    end
   end
 end
 if gpus > 0 then
@@ -367,7 +391,7 @@ redis.call('HSET', K.stopped, 'state', 'stopped', 'stopped', ts(now), 'stop_reas
 redis.call('EXPIRE', K.stopped, keep)
 redis.call('ZADD', K.stopped_index, ts(now), kid)
 redis.call('ZREMRANGEBYSCORE', K.stopped_index, '-inf', '(' .. ts(now - keep))
-return {'released', redis.call('ZCARD', K.queue), cjson.encode(lease)}
+return {'released', redis.call('ZCARD', K.queue)}
 """
 )
 
@@ -390,20 +414,15 @@ local lease = {}
 for i = 1, #fields, 2 do lease[fields[i]] = fields[i + 1] end
 if lease.user ~= a.warm_user or lease.kernelspec ~= a.kernelspec then return {'taken'} end
 a.cpus_milli, a.memory, a.gpus = num(lease.cpus_milli), num(lease.memory), num(lease.gpus)
-local admin = '0'
-if a.admin then admin = '1' end
-redis.call('HSET', K.profile, 'groups', a.groups, 'admin', admin, 'seen', ts(a.now))
-redis.call('ZADD', K.users, ts(a.now), a.user)
-local refusal = check_quota(a, redis.call('SCARD', K.user_queued))
+remember_profile(a)
+local user_held = usage(K.user_usage)
+local refusal = check_quota(a, redis.call('SCARD', K.user_queued), user_held)
 if refusal then return refusal end
 local kid, now = a.kernel_id, ts(a.now)
 redis.call('SREM', W.user_leases, kid)
 redis.call('SADD', K.user_leases, kid)
-local amounts = {kernels = 1, cpus_milli = a.cpus_milli, memory = a.memory, gpus = a.gpus}
-for field, amount in pairs(amounts) do
-  redis.call('HINCRBY', W.user_usage, field, int(-amount))
-  redis.call('HINCRBY', K.user_usage, field, int(amount))
-end
+add_usage(W.user_usage, usage(W.user_usage), a, -1)
+add_usage(K.user_usage, user_held, a, 1)
 if a.gpus > 0 then
   redis.call('ZREM', W.gpu_running, int(a.gpus) .. '|' .. kid)
   redis.call('ZADD', K.gpu_running, now, int(a.gpus) .. '|' .. kid)

@@ -307,16 +307,15 @@ class Scheduler:
 
     async def release(self, kernel_id: str, *, reason: str = "released") -> bool:
         """Release the lease of ``kernel_id``; the head of its pool's queue gets the room."""
-        released = await self.leases.release_counting_queue(kernel_id, reason=reason)
+        released = await self.leases.release(kernel_id, reason=reason)
         if released is None:
             return False
         if not released.waiting:  # counted right after the release, by the same script
             return True
-        lease = released.lease
         try:
-            await self.promote(lease.pool)
+            await self.promote(released.pool)
         except RedisUnavailable as e:  # the queue loop promotes once Redis is back
-            log.warning("promoting pool %s after a release: %s", lease.pool, e.log_message)
+            log.warning("promoting pool %s after a release: %s", released.pool, e.log_message)
         return True
 
     async def report_activity(self, reports: Iterable[Report]) -> tuple[Applied, list[str]]:

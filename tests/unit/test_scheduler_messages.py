@@ -56,3 +56,6 @@ def test_number_and_memory_formatting() -> None:
 def test_user_names_cannot_break_out_of_their_key() -> None:
     assert keys.user_usage("a:b") == "kf:user:a%3Ab:usage"
     assert keys.user_leases("a") != keys.user_leases("a:leases")
+    assert keys.user_usage("ann@example.org") == "kf:user:ann%40example.org:usage"
+    assert keys.user_usage("ann_b.c-d~e") == "kf:user:ann_b.c-d~e:usage"  # unchanged
+    assert keys.lease("Ünïcode/..") == "kf:lease:%C3%9Cn%C3%AFcode%2F.."
