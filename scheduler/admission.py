@@ -203,7 +203,8 @@ class Admitter:
                 kernel_id=kernel_id, user=user, kernelspec=spec.name, pool=pool.name,
                 cpus=res.cpus, memory=res.memory, gpus=res.gpus,
                 gpu_devices=[int(d) for d in reply[1].split(",") if d],
-                state="starting", created=now, last_activity=now,
+                state="starting", created=now, last_activity=now, connections=0, waited=0.0,
+                stopped=None, stop_reason=None,  # all given: pydantic looks up no defaults
             )  # fmt: skip
             log.info("admitted kernel %s of %s (%s) in pool %s, GPUs [%s]",
                      kernel_id, user, spec.name, pool.name, reply[1])  # fmt: skip

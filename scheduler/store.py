@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import weakref
-from collections.abc import Iterator
-from contextlib import contextmanager
+from types import TracebackType
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
@@ -114,12 +113,28 @@ def connect(url: str, *, max_connections: int = MAX_CONNECTIONS) -> Redis:
     return Redis.from_pool(pool)
 
 
-@contextmanager
-def unavailable_as(location: str) -> Iterator[None]:
-    """Turn Redis connection failures inside the block into :class:`RedisUnavailable`."""
-    try:
-        yield
-    except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as e:
-        raise RedisUnavailable(
-            messages.redis_unavailable(location), log_message=f"Redis at {location}: {e}"
-        ) from e
+_UNAVAILABLE = (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError)
+
+
+class unavailable_as:  # lower case: used like a function, ``with unavailable_as(...)``
+    """Turn Redis connection failures inside the block into :class:`RedisUnavailable`.
+
+    A class, not a ``@contextmanager`` generator: every admission and release enters one,
+    and a generator costs several times more to enter and leave.
+    """
+
+    __slots__ = ("_location",)
+
+    def __init__(self, location: str) -> None:
+        self._location = location
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 tb: TracebackType | None) -> None:  # fmt: skip
+        if error is not None and isinstance(error, _UNAVAILABLE):
+            location = self._location
+            raise RedisUnavailable(
+                messages.redis_unavailable(location), log_message=f"Redis at {location}: {error}"
+            ) from error
