@@ -188,11 +188,12 @@ class Admitter:
         now = round(self._clock(), 3)
         wait = 0.0 if warm else min(max(wait_s, 0.0), self.max_wait_s)
         deadline = round(now + wait, 3) if wait > 0 else 0.0
-        script_keys = keys.ScriptKeys.list_for(kernel_id, user=user, pool=pool.name)
         with unavailable_as(self._location):
             reply = await self._batcher.script(
-                self._script, script_keys, (args, kernel_id, repr(now), repr(deadline))
-            )
+                self._script, keys.ScriptKeys.kernel_part(kernel_id),
+                (args, kernel_id, repr(now), repr(deadline)),
+                shared=keys.ScriptKeys.owner_part(user, pool.name),
+            )  # fmt: skip
         kind = reply[0]
         if kind == "exists":
             lease = Lease.from_redis(dict(zip(reply[1::2], reply[2::2], strict=True)))

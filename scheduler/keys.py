@@ -184,7 +184,6 @@ class ScriptKeys:
     with :func:`lua_bindings`, so Python and Lua cannot disagree on positions.
     """
 
-    lease: str
     leases: str
     user_leases: str
     user_usage: str
@@ -199,13 +198,15 @@ class ScriptKeys:
     queue: str
     queue_user: str
     queue_meta: str
-    entry: str
     user_queued: str
     deadlines: str
     seen: str
-    stopped: str
     stopped_index: str
     profile: str
+    # the kernel's own keys come last (see list_for)
+    lease: str
+    entry: str
+    stopped: str
 
     @classmethod
     def for_kernel(cls, kernel_id: str, *, user: str, pool: str) -> ScriptKeys:
@@ -241,13 +242,20 @@ class ScriptKeys:
 
     @staticmethod
     def list_for(kernel_id: str, *, user: str, pool: str) -> list[str]:
-        """``for_kernel(...).as_list()``, for the hot path: the keys of ``user`` and ``pool``
-        are built once (:func:`_owner_keys`); only the kernel's own three are new."""
-        found = list(_owner_keys(user, pool))
-        found[_LEASE], found[_ENTRY], found[_STOPPED] = (
-            lease(kernel_id), queued(kernel_id), stopped(kernel_id)
-        )  # fmt: skip
-        return found
+        """``for_kernel(...).as_list()``, for the hot path: :meth:`owner_part` then
+        :meth:`kernel_part`."""
+        return [*_owner_keys(user, pool), *ScriptKeys.kernel_part(kernel_id)]
+
+    @staticmethod
+    def owner_part(user: str, pool: str) -> tuple[str, ...]:
+        """The first ``KEYS``: those of ``user`` and ``pool``, the same for all their kernels
+        (built once per owner, and packed once per owner by :mod:`scheduler.batching`)."""
+        return _owner_keys(user, pool)
+
+    @staticmethod
+    def kernel_part(kernel_id: str) -> tuple[str, str, str]:
+        """The last three ``KEYS``: the kernel's own lease, queue entry and stopped copy."""
+        return lease(kernel_id), queued(kernel_id), stopped(kernel_id)
 
     @classmethod
     def lua_bindings(cls) -> str:
@@ -257,10 +265,11 @@ class ScriptKeys:
 
 
 _SCRIPT_KEY_NAMES = tuple(f.name for f in fields(ScriptKeys))
-_LEASE, _ENTRY, _STOPPED = (_SCRIPT_KEY_NAMES.index(n) for n in ("lease", "entry", "stopped"))
+_KERNEL_PART = ("lease", "entry", "stopped")  # kernel_part's order
+assert _SCRIPT_KEY_NAMES[-3:] == _KERNEL_PART, "the kernel's own keys must come last"
 
 
 @lru_cache(maxsize=16384)
 def _owner_keys(user: str, pool: str) -> tuple[str, ...]:
-    """The script keys of ``user`` in ``pool``, the kernel's own left as placeholders."""
-    return tuple(ScriptKeys.for_kernel("-", user=user, pool=pool).as_list())
+    """The script keys of ``user`` in ``pool``: all but the kernel's own."""
+    return tuple(ScriptKeys.for_kernel("-", user=user, pool=pool).as_list()[:-3])

@@ -146,11 +146,13 @@ class LeaseStore:
                         return None
                     owner = user, pool
                 user, pool = owner
-                script_keys = keys.ScriptKeys.list_for(kernel_id, user=user, pool=pool)
                 now = round(self._clock(), 3)
                 args: list[Arg] = [kernel_id, user, pool, repr(now), reason, STOPPED_KEEP_S,
                                    GPU_WINDOW_S]  # fmt: skip
-                reply = await self._batcher.script(self._release, script_keys, args)
+                reply = await self._batcher.script(
+                    self._release, keys.ScriptKeys.kernel_part(kernel_id), args,
+                    shared=keys.ScriptKeys.owner_part(user, pool),
+                )  # fmt: skip
                 if reply[0] == "gone":
                     return None
                 if reply[0] == "released":

@@ -247,6 +247,25 @@ async def test_the_fair_pool_hands_out_connections_in_arrival_order(redis_url: s
         await client.aclose()
 
 
+async def test_shared_keys_come_first_and_are_packed_once(redis_url: str) -> None:
+    client = connect(redis_url)
+    try:
+        batched, one_by_one = Batcher(client), Batcher(client)
+        one_by_one.batched = False  # as for TLS or a credential provider
+        every = client.register_script("return {KEYS, ARGV}")
+        shared = ("owner:a", "owner:b")
+        for batcher in (batched, one_by_one):
+            got = await asyncio.gather(
+                *(batcher.script(every, [f"kernel:{i}"], [i, "x"], shared=shared) for i in range(3))
+            )
+            assert got == [[["owner:a", "owner:b", f"kernel:{i}"], [str(i), "x"]] for i in range(3)]
+        # another script with the same shared keys gets its own packed head
+        other = client.register_script("return #KEYS")
+        assert await batched.script(other, ["k1", "k2"], [], shared=shared) == 4
+    finally:
+        await client.aclose()
+
+
 async def test_unbatched_connections_answer_in_the_same_shapes(redis_url: str) -> None:
     client = connect(redis_url)
     try:
