@@ -28,11 +28,13 @@ re-reading every live lease from Redis at the end (:func:`bench.scheduling.over_
 from __future__ import annotations
 
 import asyncio
+import gc
 import random
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -190,6 +192,21 @@ async def measure(
     return result
 
 
+@contextmanager
+def _frozen_heap() -> Iterator[None]:
+    """Objects made before a measured run are out of the garbage collector's generations
+    while it runs, as the scheduler process does with what its start-up made
+    (``scheduler/__main__.py``): a full collection then walks only what the run made. This
+    process holds ~275k objects of its own (other phases' results, every module the bench
+    imports), and one full collection of them paused the loop for up to 180 ms."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 async def _warm_up(
     server: RedisServer, scheduler: Scheduler, platform: PlatformConfig, decide: Decide,
     release: Release, level: int, decisions: int,
@@ -214,16 +231,11 @@ async def run(ctx: Context, results: dict[str, Any]) -> None:
             server.flush()
             async with scheduler_on(server.url, platform) as scheduler:
                 decide, release = in_process(scheduler)
-                await _warm_up(server, scheduler, platform, decide, release, level,
-                               plan["inprocess"][level])  # fmt: skip
-                found = await measure(
-                    scheduler,
-                    platform,
-                    decide,
-                    release,
-                    concurrency=level,
-                    decisions=plan["inprocess"][level],
-                )
+                decisions = plan["inprocess"][level]
+                await _warm_up(server, scheduler, platform, decide, release, level, decisions)
+                with _frozen_heap():
+                    found = await measure(scheduler, platform, decide, release,
+                                          concurrency=level, decisions=decisions)  # fmt: skip
                 results["inprocess"][str(level)] = found
                 progress(f"admission in-process at {level}: p50 {found.get('p50_ms')} ms, "
                          f"p99 {found.get('p99_ms')} ms, {found.get('per_s')}/s, "
@@ -244,9 +256,9 @@ async def _over_http(ctx: Context, server: RedisServer, platform: PlatformConfig
             server.flush()
             async with scheduler_on(server.url, platform) as reader, process.client(level) as api:
                 decide, release = api.decide, api.release
-                found = await measure(
-                    reader, platform, decide, release, concurrency=level, decisions=plan[level]
-                )
+                with _frozen_heap():
+                    found = await measure(reader, platform, decide, release, concurrency=level,
+                                          decisions=plan[level])  # fmt: skip
             results[str(level)] = found
             progress(f"admission over HTTP at {level}: p50 {found.get('p50_ms')} ms, "
                      f"p99 {found.get('p99_ms')} ms, {found.get('per_s')}/s, "
