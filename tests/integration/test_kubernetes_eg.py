@@ -107,7 +107,11 @@ async def test_enterprise_gateway_start_fails_fast_when_the_pod_cannot_start(
             seconds = time.monotonic() - started
     finally:
         eg.terminate()
-        await eg.wait()
+        try:
+            await asyncio.wait_for(eg.wait(), 10)
+        except asyncio.TimeoutError:  # stuck in a launch: it must not outlive the test
+            eg.kill()
+            await eg.wait()
         watch.cancel()
     log = (tmp_path / "eg.log").read_text()
     assert answer.status_code == 500, log
