@@ -207,7 +207,12 @@ class KernelfleetMappingKernelManager(LightActivityWatchMixin, RemoteMappingKern
             raise
         except Exception as e:
             self.log.exception("Kernel %s (%s) failed to start", kernel_id, kernel_name)
+            # On Kubernetes the scheduler says why a pod did not start (it deleted the pod,
+            # which is what made the launch fail): asked before the lease is given up.
+            failure = await self.scheduler.start_failure(kernel_id)
             await self._abandon(kernel_id)
+            if failure is not None:
+                raise GatewayError(500, failure.message, code=failure.reason) from e
             raise GatewayError(
                 500, f"Kernel '{kernel_name}' failed to start.", code="launch_failed"
             ) from e

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import quote
 
@@ -34,6 +35,15 @@ RETRY_S = 0.5  # pause before asking again when the scheduler did not answer
 QUEUE_GRACE_S = 5.0  # past the wait: the scheduler's own time-out answer says where it stood
 
 ClientGone = Callable[[], bool]
+
+
+@dataclass(frozen=True)
+class StartFailure:
+    """Why a kernel's pod did not start: ``reason`` (image_pull_failed, container_config,
+    pending_timeout, start_timeout) and ``message``, written for the user."""
+
+    reason: str
+    message: str
 
 
 class Scheduler(Protocol):
@@ -71,6 +81,11 @@ class Scheduler(Protocol):
         """Send a batch of kernel activity reports; whether it was accepted. Never raises."""
         ...
 
+    async def start_failure(self, kernel_id: str) -> StartFailure | None:
+        """Why ``kernel_id``'s pod did not start, as the scheduler recorded it (Kubernetes
+        backend), or None (nothing recorded, another backend, no answer). Never raises."""
+        ...
+
     async def aclose(self) -> None:
         """Free connections."""
         ...
@@ -101,6 +116,9 @@ class NoScheduler:
 
     async def report_activity(self, reports: list[dict[str, object]]) -> bool:
         return True
+
+    async def start_failure(self, kernel_id: str) -> StartFailure | None:
+        return None
 
     async def aclose(self) -> None:
         return None
@@ -288,6 +306,23 @@ class SchedulerClient:
         if response.status_code in (200, 201) and answer and "lease" in answer:
             return _admitted_env(answer)
         raise _refusal(response.status_code, answer, kernel_id=kernel_id)
+
+    async def start_failure(self, kernel_id: str) -> StartFailure | None:
+        """GET /v1/start-failures/{kernel_id} (404 when nothing is recorded, or when the
+        scheduler has no Kubernetes backend)."""
+        path = f"/v1/start-failures/{quote(kernel_id, safe='')}"
+        try:
+            response = await self._client.get(f"{self.url}{path}")
+        except httpx.HTTPError as e:
+            log.warning("GET %s failed: %s", path, type(e).__name__)
+            return None
+        answer = _json_or_none(response)
+        if response.status_code != 200 or not answer:
+            return None
+        reason, message = answer.get("reason"), answer.get("message")
+        if not isinstance(reason, str) or not isinstance(message, str) or not message:
+            return None
+        return StartFailure(reason=reason, message=message)
 
     async def aclose(self) -> None:
         """Close the HTTP client."""

@@ -88,11 +88,29 @@ class SchedulerStandIn(_JSONHandler):
 
     ``refusals`` is a queue of ``(status, body)`` answers (``None`` drops the connection
     without answering); when empty, every admission is admitted, GPU ones with a device.
+    ``start_failures``: kernelspec -> ``{reason, message}`` that ``GET
+    /v1/start-failures/{kernel_id}`` answers for an admitted kernel of that kernelspec (the
+    Kubernetes backend's record of a pod that did not start); 404 otherwise, as the
+    scheduler answers without a record or without that backend.
     """
 
     admissions: list[dict[str, Any]] = []
     releases: list[str] = []
     refusals: list[tuple[int, dict[str, Any]] | None] = []
+    start_failures: dict[str, dict[str, str]] = {}
+
+    def do_GET(self) -> None:
+        if not self._authorized():
+            return
+        kernel_id = self.path.removeprefix("/v1/start-failures/")
+        specs = [a["kernelspec"] for a in self.admissions if a.get("kernel_id") == kernel_id]
+        failure = self.start_failures.get(specs[-1]) if specs else None
+        if not self.path.startswith("/v1/start-failures/") or failure is None:
+            message = f"No start failure is recorded for kernel {kernel_id}."
+            self._answer(404, {"error": "unknown_start_failure", "message": message})
+            return
+        self._answer(200, {"kernel_id": kernel_id, "kernelspec": specs[-1], **failure,
+                           "at": "1763900000.0"})  # fmt: skip
 
     def _authorized(self) -> bool:
         if self.headers.get("Authorization") == f"token {SCHEDULER_TOKEN}":
@@ -490,6 +508,21 @@ async def test_failed_launch_releases_its_lease(api: Any) -> None:
     admitted = SchedulerStandIn.admissions[-1]
     assert admitted["kernelspec"] == "broken"
     assert admitted["kernel_id"] in SchedulerStandIn.releases
+
+
+async def test_a_kernel_pod_that_did_not_start_says_why(api: Any) -> None:
+    why = (
+        "Kernel broken could not start: its image kernelfleet/kernel-python:0.1.O cannot be "
+        "pulled (ErrImagePull). Ask an admin to fix the kernelspec's image or the registry."
+    )
+    SchedulerStandIn.start_failures["broken"] = {"reason": "image_pull_failed", "message": why}
+    try:
+        response = await api(ALICE).post("/api/kernels", json={"name": "broken"})
+    finally:
+        SchedulerStandIn.start_failures.clear()
+    assert response.status_code == 500
+    assert (response.json()["message"], response.json()["error"]) == (why, "image_pull_failed")
+    assert SchedulerStandIn.admissions[-1]["kernel_id"] in SchedulerStandIn.releases
 
 
 async def test_kernel_death_releases_its_lease(gateway: Gateway, api: Any) -> None:

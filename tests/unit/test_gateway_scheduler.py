@@ -101,3 +101,25 @@ async def test_release_deletes_the_lease_and_never_raises(caplog: pytest.LogCapt
         await c.release("down")
     assert "down" in caplog.text and "s3cret" not in caplog.text
     await c.aclose()
+
+
+async def test_start_failures_are_read_and_their_absence_is_none() -> None:
+    why = "Kernel python-gpu could not start: no node of pool gpu had room for it within 30 s."
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        assert request.headers["Authorization"] == "token s3cret"
+        kernel_id = request.url.path.rsplit("/", 1)[-1]
+        if request.url.path.startswith("/v1/start-failures/") and kernel_id == "k1":
+            body = {"kernel_id": "k1", "kernelspec": "python-gpu", "reason": "pending_timeout",
+                    "message": why, "at": "1763900000.0"}  # fmt: skip
+            return httpx.Response(200, json=body)
+        if kernel_id == "down":
+            raise httpx.ConnectError("refused")
+        return httpx.Response(404, json={"error": "unknown_start_failure", "message": "none"})
+
+    c = client(handler)
+    found = await c.start_failure("k1")
+    assert found is not None and (found.reason, found.message) == ("pending_timeout", why)
+    assert await c.start_failure("k2") is None  # nothing recorded, or not Kubernetes
+    assert await c.start_failure("down") is None  # never raises
+    await c.aclose()
