@@ -73,8 +73,12 @@ def _packed_head(sha: str, key_count: int, shared: tuple[str, ...]) -> tuple[int
     Packing ~30 arguments was a tenth of the scheduler's CPU per admission; the ~20 keys of
     an owner are the same every time.
     """
-    packed = pack(("EVALSHA", sha, key_count, *shared))
-    return 3 + len(shared), packed[packed.index(b"\r\n") + 2 :]
+    return 3 + len(shared), _arguments(pack(("EVALSHA", sha, key_count, *shared)))
+
+
+def _arguments(packed: bytes) -> bytes:
+    """A packed command's arguments, without the count that starts it."""
+    return packed[packed.index(b"\r\n") + 2 :]
 
 
 def _error(message: str) -> redis_errors.RedisError:
@@ -234,9 +238,8 @@ class Batcher:
             return await script(keys=[*shared, *keys], args=list(args))  # type: ignore[arg-type]
         if shared:
             count, head = _packed_head(script.sha, len(shared) + len(keys), shared)
-            tail = pack((*keys, *args))
-            packed = b"".join((b"*%d\r\n" % (count + len(keys) + len(args)), head,
-                               tail[tail.index(b"\r\n") + 2 :]))  # fmt: skip
+            total = b"*%d\r\n" % (count + len(keys) + len(args))
+            packed = b"".join((total, head, _arguments(pack((*keys, *args)))))
         else:
             packed = pack(("EVALSHA", script.sha, len(keys), *keys, *args))
         try:

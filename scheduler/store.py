@@ -133,7 +133,7 @@ class unavailable_as:  # lower case: used like a function, ``with unavailable_as
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
                  tb: TracebackType | None) -> None:  # fmt: skip
-        if error is not None and isinstance(error, _UNAVAILABLE):
+        if isinstance(error, _UNAVAILABLE):
             location = self._location
             raise RedisUnavailable(
                 messages.redis_unavailable(location), log_message=f"Redis at {location}: {error}"
