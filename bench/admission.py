@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import random
 import time
 import uuid
@@ -47,6 +48,7 @@ from scheduler.service import Scheduler
 from tests.support.redis_server import RedisServer
 
 from .context import Context
+from .machine import cpu_ticks
 from .runtime import progress
 from .scheduler_process import SchedulerProcess
 from .scheduling import bench_platform, over_commits, scheduler_on, user_groups, user_name
@@ -174,22 +176,80 @@ def in_process(scheduler: Scheduler) -> tuple[Decide, Release]:
 
 async def measure(
     scheduler: Scheduler, platform: PlatformConfig, decide: Decide, release: Release, *,
-    concurrency: int, decisions: int,
+    concurrency: int, decisions: int, server_pid: int | None = None,
 ) -> dict[str, Any]:  # fmt: skip
-    """Run the workload once; its latency summary, outcomes and over-commits."""
+    """Run the workload once; its latency summary, outcomes, over-commits and CPU use
+    (``server_pid``: the scheduler process answering over HTTP, to count its CPU too)."""
     ledger, tally = Ledger(scheduler, platform), Tally(decisions)
+    cpu = await _cpu(scheduler, server_pid)
     began = time.perf_counter()
     await asyncio.gather(*(_worker(seed, decide, release, ledger, tally)
                            for seed in range(concurrency)))  # fmt: skip
     wall = time.perf_counter() - began
+    spent = _cpu_spent(cpu, await _cpu(scheduler, server_pid), decisions)
     problems = await over_commits(scheduler, platform)
     result: dict[str, Any] = summarize(tally.samples, wall_s=wall)
+    result.update(spent)
     releases = summarize(tally.releases)
     result.update(release_p50_ms=releases.get("p50_ms"), release_p99_ms=releases.get("p99_ms"))
     result.update(concurrency=concurrency, outcomes=dict(tally.outcomes),
                   over_commits=len(ledger.violations) + len(problems),
                   problems=(ledger.violations + problems)[:10])  # fmt: skip
     return result
+
+
+@dataclass(frozen=True)
+class _CpuClocks:
+    redis_s: float  # Redis' main thread (where commands and scripts run)
+    process_s: float  # this process
+    server_s: float | None  # the scheduler process over HTTP
+    machine: tuple[int, int, int] | None  # ticks: busy, steal, total
+
+
+def _process_cpu_s(pid: int | None) -> float | None:
+    """User plus system CPU seconds of process ``pid`` so far, from /proc; None if unknown."""
+    if pid is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def _cpu(scheduler: Scheduler, server_pid: int | None = None) -> _CpuClocks:
+    info = await scheduler.redis.info("cpu")
+    if "used_cpu_user_main_thread" in info:
+        redis_s = info["used_cpu_user_main_thread"] + info["used_cpu_sys_main_thread"]
+    else:
+        redis_s = info.get("used_cpu_user", 0.0) + info.get("used_cpu_sys", 0.0)
+    return _CpuClocks(
+        redis_s=redis_s,
+        process_s=time.process_time(),
+        server_s=_process_cpu_s(server_pid),
+        machine=cpu_ticks(),
+    )
+
+
+def _cpu_spent(before: _CpuClocks, after: _CpuClocks, decisions: int) -> dict[str, Any]:
+    """Where the CPU went during a run, in microseconds per decision (its release included):
+    in Redis, in this process (in-process: the scheduler and the workers; over HTTP: the
+    clients) and in the scheduler process answering over HTTP; and how busy the machine was
+    in percent of all its CPUs (``steal_pct``: taken by the hypervisor for other guests).
+    Which side is the bound, and what the rest of the machine took, read from one run."""
+    spent: dict[str, Any] = {
+        "redis_cpu_us": round((after.redis_s - before.redis_s) / decisions * 1e6, 1),
+        "process_cpu_us": round((after.process_s - before.process_s) / decisions * 1e6, 1),
+    }
+    if before.server_s is not None and after.server_s is not None:
+        spent["server_cpu_us"] = round((after.server_s - before.server_s) / decisions * 1e6, 1)
+    if before.machine is not None and after.machine is not None:
+        busy, steal, total = (b - a for a, b in zip(before.machine, after.machine, strict=True))
+        if total > 0:
+            spent["machine_busy_pct"] = round(100 * busy / total, 1)
+            spent["steal_pct"] = round(100 * steal / total, 1)
+    return spent
 
 
 @contextmanager
@@ -258,7 +318,8 @@ async def _over_http(ctx: Context, server: RedisServer, platform: PlatformConfig
                 decide, release = api.decide, api.release
                 with _frozen_heap():
                     found = await measure(reader, platform, decide, release, concurrency=level,
-                                          decisions=plan[level])  # fmt: skip
+                                          decisions=plan[level],
+                                          server_pid=process.popen.pid)  # fmt: skip
             results[str(level)] = found
             progress(f"admission over HTTP at {level}: p50 {found.get('p50_ms')} ms, "
                      f"p99 {found.get('p99_ms')} ms, {found.get('per_s')}/s, "

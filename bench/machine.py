@@ -75,6 +75,22 @@ def package_versions() -> dict[str, dict[str, str]]:
     return versions
 
 
+def cpu_ticks() -> tuple[int, int, int] | None:
+    """The machine's CPU time so far in clock ticks, summed over its CPUs: (busy, steal,
+    total), from /proc/stat; None where there is none. Busy counts user, nice, system, irq
+    and softirq time; steal is time the hypervisor gave to other guests."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = stat.readline().split()
+    except OSError:
+        return None
+    if len(fields) < 9 or fields[0] != "cpu":
+        return None
+    user, nice, system, idle, iowait, irq, softirq, steal = (int(x) for x in fields[1:9])
+    busy = user + nice + system + irq + softirq
+    return busy, steal, busy + idle + iowait + steal
+
+
 def describe() -> dict[str, Any]:
     """The machine as the report shows it."""
     mem_kb = _first("/proc/meminfo", "MemTotal")

@@ -78,15 +78,32 @@ def latency_section(latency: dict[str, Any]) -> list[str]:
 def admission_section(admission: dict[str, Any]) -> list[str]:
     """Latency, rate, outcomes and over-commits at each concurrency, per way in."""
     lines = ["## Scheduler admission (real Redis)", "",
-             "| way in | concurrent | p50 ms | p99 ms | decisions/s | outcomes | over-commits |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
+             "| way in | concurrent | p50 ms | p99 ms | decisions/s | outcomes | over-commits "
+             "| CPU us per decision: Redis / scheduler / clients | machine busy (steal) |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for way, label in (("inprocess", "in-process Scheduler.admit"), ("http", "HTTP API")):
         for level, found in (admission.get(way) or {}).items():
             outcomes = ", ".join(f"{k} {v}" for k, v in sorted(found.get("outcomes", {}).items()))
             lines.append(f"| {label} | {level} | {found.get('p50_ms', '-')} | "
                          f"{found.get('p99_ms', '-')} | {found.get('per_s', '-')} | {outcomes} | "
-                         f"{found.get('over_commits', '-')} |")  # fmt: skip
+                         f"{found.get('over_commits', '-')} | {_cpu_cell(way, found)} | "
+                         f"{_busy_cell(found)} |")  # fmt: skip
+    lines += ["", "CPU per decision counts its release too. In-process, the scheduler and the "
+              "clients are one process (shown under scheduler)."]  # fmt: skip
     return lines
+
+
+def _cpu_cell(way: str, found: dict[str, Any]) -> str:
+    """Redis / scheduler / clients CPU per decision, '-' where not measured."""
+    redis = found.get("redis_cpu_us", "-")
+    if way == "inprocess":
+        return f"{redis} / {found.get('process_cpu_us', '-')} / -"
+    return f"{redis} / {found.get('server_cpu_us', '-')} / {found.get('process_cpu_us', '-')}"
+
+
+def _busy_cell(found: dict[str, Any]) -> str:
+    busy = found.get("machine_busy_pct")
+    return "-" if busy is None else f"{busy}% ({found.get('steal_pct', '-')}%)"
 
 
 def scale_section(scale: dict[str, Any]) -> list[str]:

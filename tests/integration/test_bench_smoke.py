@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
-from bench.admission import Ledger, in_process, measure
+from bench.admission import Ledger, _process_cpu_s, in_process, measure
 from bench.report import markdown, targets, write_results
 from bench.scheduling import bench_platform, scheduler_on
 from scheduler.leases import Lease
@@ -25,7 +26,10 @@ def _run() -> dict:
         "phases": {"latency": {"plan": {"starts": 3}, "chains": chains},
                    "admission": {"inprocess": {"50": {"p50_ms": 2.0, "p99_ms": 4.0, "per_s": 900,
                                                       "outcomes": {"admitted": 10},
-                                                      "over_commits": 0}}}},
+                                                      "over_commits": 0, "redis_cpu_us": 80.5,
+                                                      "process_cpu_us": 120.0,
+                                                      "machine_busy_pct": 97.0,
+                                                      "steal_pct": 1.5}}}},
     }  # fmt: skip
 
 
@@ -43,6 +47,7 @@ def test_report_renders_tables_ratios_and_targets(tmp_path: Path) -> None:
     assert row in text
     assert "Test CPU, 2 cores" in text
     assert "| kernel start, warm (baselines: none) | - | - | - | 40.0 / 170.0 | |" in text
+    assert "| admitted 10 | 0 | 80.5 / 120.0 / - | 97.0% (1.5%) |" in text
     paths = write_results(_run(), tmp_path)
     assert [p.name for p in paths][1] == "latest.md" and paths[0].suffix == ".json"
 
@@ -57,10 +62,24 @@ async def test_quick_admission_phase_on_real_redis(redis_url: str) -> None:
                                   concurrency=concurrency, decisions=decisions)  # fmt: skip
             assert found["n"] == decisions == sum(found["outcomes"].values())
             assert found["over_commits"] == 0, found["problems"]
+            # where the CPU went: Redis ran the scripts, this process the scheduler
+            assert found["redis_cpu_us"] > 0 and found["process_cpu_us"] > 0, found
         # 5 workers for 4 CPUs: the pool refused some, and nothing was left leased
         assert "pool_full" in found["outcomes"] or "quota_exceeded" in found["outcomes"]
         assert await scheduler.leases.list() == []
     assert time.monotonic() - began < 15
+
+
+def test_a_processs_cpu_is_read_from_proc() -> None:
+    """The scheduler process's CPU (over HTTP) is read from /proc: checked on this process."""
+    before_own, before = time.process_time(), _process_cpu_s(os.getpid())
+    deadline = time.process_time() + 0.3
+    while time.process_time() < deadline:
+        pass
+    after, after_own = _process_cpu_s(os.getpid()), time.process_time()
+    assert before is not None and after is not None
+    assert abs((after - before) - (after_own - before_own)) < 0.1
+    assert _process_cpu_s(None) is None
 
 
 async def test_the_ledger_sees_an_over_commit(redis_url: str) -> None:
