@@ -13,7 +13,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 MAIN_PACKAGES = ("jupyterhub", "jupyter_server", "jupyterlab", "jupyter_client", "tornado",
-                 "pyzmq", "websockets", "httpx", "redis", "fastapi", "uvicorn")  # fmt: skip
+                 "pyzmq", "websockets", "httpx", "redis", "fastapi", "uvicorn",
+                 "httptools")  # fmt: skip
 OTHER_VENVS = {
     "gateway": (REPO / ".venv-gateway" / "bin" / "python",
                 ("jupyter_enterprise_gateway", "jupyter_server", "jupyter_client", "pyzmq",

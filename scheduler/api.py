@@ -47,8 +47,9 @@ PollSeconds = Annotated[
 Filter = Annotated[str | None, Query(max_length=256)]
 
 
-def caller(request: Request) -> Caller:
-    """The authenticated caller (set by the auth middleware)."""
+async def caller(request: Request) -> Caller:
+    """The authenticated caller (set by the auth middleware). Async: FastAPI runs a plain
+    function dependency in its thread pool, a thread hand-off on every request."""
     return request.state.caller  # type: ignore[no-any-return]
 
 
