@@ -134,10 +134,15 @@ class WarmPool:
     # -- what is warm ------------------------------------------------------------------------
 
     def is_warm(self, kernel_id: str) -> bool:
-        """Whether ``kernel_id`` is a warm kernel (ready or still starting)."""
-        if kernel_id in self.starting:
+        """Whether ``kernel_id`` is a warm kernel: ready, still starting, or out for a claim
+        that has not handed it to its user yet (nobody's until then)."""
+        if kernel_id in self.starting or self._unclaimed(kernel_id):
             return True
         return any(w.kernel_id == kernel_id for ready in self.ready.values() for w in ready)
+
+    def _unclaimed(self, kernel_id: str) -> bool:
+        """Out for a claim, not yet adopted by the claiming user."""
+        return kernel_id in self.claiming and self._manager.owner_of(kernel_id) is None
 
     def kernel_ids(self) -> list[str]:
         """Every warm kernel, ready or starting."""
@@ -427,7 +432,11 @@ class WarmPool:
                              secret_env=secret_env, cwd=home)  # fmt: skip
 
     async def forget(self, kernel_id: str) -> bool:
-        """Drop ``kernel_id`` if it is warm (it died or was stopped); whether it was."""
+        """Drop ``kernel_id`` if it is warm (it died or was stopped); whether it was. One out
+        for a claim counts (its claim then fails or finds the lease gone)."""
+        if self._unclaimed(kernel_id):
+            del self.claiming[kernel_id]
+            return True
         for kernels in self.ready.values():
             for warm in kernels:
                 if warm.kernel_id == kernel_id:

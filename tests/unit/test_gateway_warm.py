@@ -1,13 +1,17 @@
-"""The warm claim's personalisation: the code it runs in the kernel, and how its reply is read."""
+"""The warm claim's personalisation (the code it runs in the kernel, and how its reply is
+read), and what a kernel out for a claim is while the scheduler decides."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
-from gateway.server.warm import CHECKS, personalise_code, personalised
+from gateway.server.identity import Identity
+from gateway.server.warm import CHECKS, WarmKernel, WarmPool, personalise_code, personalised
 
 
 def test_values_cannot_change_the_code_around_them(tmp_path: Path) -> None:
@@ -44,3 +48,80 @@ def test_only_a_reply_showing_the_users_name_home_and_cwd_counts() -> None:
     assert "warm" in personalised(reply(**{**good, "warm": "'true'"}), user="alice", home=home)
     failed = {"content": {"status": "error", "ename": "OSError", "evalue": "no such dir"}}
     assert "OSError" in personalised(failed, user="alice", home=home)
+
+
+class _Manager:
+    """What a claim uses of the kernel manager. The scheduler's answer to the claim waits
+    until the test sets ``answer``; the kernel answers the personalisation at once."""
+
+    def __init__(self, home: Path) -> None:
+        self.answer = asyncio.Event()
+        self.asked = asyncio.Event()
+        self.abandoned = asyncio.Event()
+        self.owners: dict[str, str] = {}
+        self.home = home
+        self.scheduler = self.compliance = self
+
+    async def claim_warm(self, **_: Any) -> dict[str, str]:  # the scheduler
+        self.asked.set()
+        await self.answer.wait()
+        return {"CUDA_VISIBLE_DEVICES": ""}
+
+    async def prepare_secrets(self, *_: Any) -> None:  # compliance
+        return None
+
+    def take_secret_env(self, kernel_id: str) -> dict[str, str]:
+        return {}
+
+    def adopt(self, kernel_id: str, user: str) -> None:
+        self.owners[kernel_id] = user
+
+    def owner_of(self, kernel_id: str) -> str | None:
+        return self.owners.get(kernel_id)
+
+    def personalised(self, kernel_id: str, **_: Any) -> None:
+        return None
+
+    async def abandon_claim(self, kernel_id: str) -> None:
+        self.abandoned.set()
+
+    async def execute(self, *_: Any, **__: Any) -> dict:  # the warm kernel's client
+        home = repr(str(self.home))
+        return reply(user="'alice'", home=home, cwd=home, warm="None")
+
+
+def _claimed_later(tmp_path: Path) -> tuple[_Manager, WarmPool, asyncio.Future]:
+    manager = _Manager(tmp_path / "alice")
+    pool = WarmPool(manager, interval_s=60)  # type: ignore[arg-type]
+    warm = WarmKernel(kernel_id="k1", kernel_name="python-cpu", client=manager, ready_at=0.0,
+                      env={"CUDA_VISIBLE_DEVICES": ""})  # fmt: skip
+    pool.ready["python-cpu"] = [warm]
+    claim = asyncio.ensure_future(
+        pool.claim(
+            Identity("alice"), kernel_name="python-cpu", spec=None, env={}, home=str(manager.home)
+        )  # fmt: skip
+    )
+    return manager, pool, claim
+
+
+async def test_a_kernel_out_for_a_claim_stays_warm_until_its_user_has_it(tmp_path: Path) -> None:
+    manager, pool, claim = _claimed_later(tmp_path)
+    await manager.asked.wait()
+    # taken from the pool, not yet anybody's: users and admins do not see it among the
+    # kernels; it is listed with the warm ones (the scheduler's reconciliation)
+    assert pool.is_warm("k1") and not pool.ready["python-cpu"]
+    manager.answer.set()
+    assert await claim == "k1"
+    assert manager.owner_of("k1") == "alice" and not pool.is_warm("k1")
+
+
+async def test_a_kernel_that_dies_while_out_for_a_claim_gives_its_lease_back(
+    tmp_path: Path,
+) -> None:
+    manager, pool, claim = _claimed_later(tmp_path)
+    await manager.asked.wait()
+    assert await pool.forget("k1")  # the manager releases the lease of what was warm
+    assert not pool.is_warm("k1")
+    claim.cancel()  # the user's request went away with it
+    await asyncio.gather(claim, return_exceptions=True)
+    await asyncio.wait_for(manager.abandoned.wait(), 5)
