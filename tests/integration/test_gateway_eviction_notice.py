@@ -11,8 +11,8 @@ import pytest
 
 from scheduler.errors import GatewayUnavailable
 from scheduler.reconcile import EnterpriseGatewayClient
-from tests.integration import test_gateway_server as served
-from tests.integration.test_gateway_server import (
+from tests.support import gateway_stack as served
+from tests.support.gateway_stack import (
     ALICE,
     GATEWAY_PYTHON,
     GATEWAY_SERVICE,
@@ -23,7 +23,7 @@ from tests.integration.test_gateway_server import (
     start_kernel,
 )
 
-# the gateway fixtures of test_gateway_server (one EG for this module)
+# the gateway fixtures of tests/support/gateway_stack.py (one EG for this module)
 hub_port, scheduler_port = served.hub_port, served.scheduler_port
 gateway, api = served.gateway, served.api
 

@@ -10,7 +10,7 @@ import pytest
 from scheduler.admission import Admission, Queued
 from scheduler.app import create_app
 from scheduler.service import Scheduler
-from tests.integration.test_scheduler_queue import (
+from tests.support.scheduler_setup import (
     KERNELSPECS,
     PLATFORM,
     ManualClock,

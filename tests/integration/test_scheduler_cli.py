@@ -10,9 +10,9 @@ import pytest
 
 from kernelfleet.cli import main
 from kernelfleet.ops import duration, kernels_table, memory, table
-from tests.integration.test_scheduler_durability import SERVICE_TOKEN, Stack, write_config
 from tests.support.ports import free_port
 from tests.support.redis_server import running_redis
+from tests.support.scheduler_stack import SERVICE_TOKEN, Stack, write_config
 
 GIB = 2**30
 

@@ -15,7 +15,7 @@ from scheduler.app import create_app
 from scheduler.errors import GatewayUnavailable
 from scheduler.eviction import Evictor
 from scheduler.service import Scheduler
-from tests.integration.test_scheduler_queue import PLATFORM, ManualClock, admit
+from tests.support.scheduler_setup import PLATFORM, ManualClock, admit
 
 MakeScheduler = Callable[..., Scheduler]
 GIB = 2**30

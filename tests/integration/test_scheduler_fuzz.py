@@ -23,9 +23,9 @@ from scheduler.app import create_app
 from scheduler.pools import resolve_pools
 from scheduler.service import Scheduler
 from scheduler.store import connect
-from tests.integration.test_scheduler_durability import SERVICE_TOKEN, Stack
 from tests.support.ports import free_port
 from tests.support.redis_server import running_redis
+from tests.support.scheduler_stack import SERVICE_TOKEN, Stack
 
 REPO = Path(__file__).resolve().parents[2]
 AUTH = {"Authorization": f"token {SERVICE_TOKEN}"}

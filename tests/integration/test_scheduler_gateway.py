@@ -20,7 +20,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.integration.test_gateway_server import (
+from tests.support.gateway_stack import (
     ALICE,
     CAROL,
     GATEWAY_PYTHON,
@@ -28,15 +28,15 @@ from tests.integration.test_gateway_server import (
     SCHEDULER_TOKEN,
     Gateway,
     HubAPIStandIn,
-    _serve,
     channels,
     execute,
     send_execute,
+    serve_stand_in,
     start_kernel,
 )
-from tests.integration.test_scheduler_durability import Stack
 from tests.support.ports import free_port
 from tests.support.redis_server import running_redis
+from tests.support.scheduler_stack import Stack
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(not GATEWAY_PYTHON.exists(), reason="needs .venv-gateway")
@@ -51,7 +51,7 @@ class Platform:
 @pytest.fixture(scope="module")
 def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
     folder = tmp_path_factory.mktemp("platform")
-    hub, hub_port = _serve(HubAPIStandIn)
+    hub, hub_port = serve_stand_in(HubAPIStandIn)
     scheduler_port = free_port()
     gateway = Gateway(folder / "gateway", hub_port, scheduler_port)
     with running_redis(folder / "redis") as redis:

@@ -14,14 +14,14 @@ from scheduler.errors import GatewayUnavailable
 from scheduler.loops import Loops
 from scheduler.reconcile import EnterpriseGatewayClient, Reconciler
 from scheduler.service import Scheduler
-from tests.integration.test_scheduler_queue import (
+from tests.support.scheduler_setup import (
     KERNELSPECS,
     PLATFORM,
+    FakeGateway,
     ManualClock,
     admit,
     fill_gpus,
 )
-from tests.integration.test_scheduler_usage import FakeGateway
 
 MakeScheduler = Callable[..., Scheduler]
 

@@ -11,10 +11,10 @@ from kernelfleet.config import PlatformConfig
 from scheduler.admission import Admission
 from scheduler.app import create_app
 from scheduler.auth import HubTokenResolver
-from scheduler.errors import GatewayUnavailable, QuotaExceeded
+from scheduler.errors import QuotaExceeded
 from scheduler.reconcile import Reconciler
 from scheduler.service import Scheduler
-from tests.integration.test_scheduler_queue import KERNELSPECS, ManualClock, admit
+from tests.support.scheduler_setup import KERNELSPECS, FakeGateway, ManualClock, admit
 
 TOKEN = "usage-test-service-token"
 HOUR = 3600
@@ -48,26 +48,6 @@ def clock() -> ManualClock:
 @pytest.fixture
 def scheduler(make_scheduler: MakeScheduler, clock: ManualClock) -> Scheduler:
     return make_scheduler(PLATFORM, KERNELSPECS, clock=clock)
-
-
-class FakeGateway:
-    """EG's kernels as a set; records shutdowns; can be down."""
-
-    def __init__(self, kernels: set[str] | None = None) -> None:
-        self.kernels = set(kernels or ())
-        self.stopped: list[str] = []
-        self.down = False
-
-    async def kernel_ids(self) -> set[str]:
-        if self.down:
-            raise GatewayUnavailable("EG is down")
-        return set(self.kernels)
-
-    async def shutdown(self, kernel_id: str) -> None:
-        if self.down:
-            raise GatewayUnavailable("EG is down")
-        self.stopped.append(kernel_id)
-        self.kernels.discard(kernel_id)
 
 
 async def test_gpu_hours_in_a_rolling_day_are_enforced_at_admission(

@@ -19,7 +19,7 @@ from scheduler.eviction import Evictor
 from scheduler.kubernetes_warm import live_targets
 from scheduler.service import Scheduler
 from scheduler.warm import WARM_USER, WarmTargets
-from tests.integration.test_scheduler_queue import KERNELSPECS, PLATFORM, ManualClock, admit
+from tests.support.scheduler_setup import KERNELSPECS, PLATFORM, ManualClock, admit
 
 MakeScheduler = Callable[..., Scheduler]
 AUTH = {"Authorization": "token t"}

@@ -13,7 +13,7 @@ from scheduler.admission import Admission
 from scheduler.app import create_app
 from scheduler.service import Scheduler
 from scheduler.warm import auto_target
-from tests.integration.test_scheduler_queue import KERNELSPECS, PLATFORM, ManualClock, admit
+from tests.support.scheduler_setup import KERNELSPECS, PLATFORM, ManualClock, admit
 
 MakeScheduler = Callable[..., Scheduler]
 SPECS = {

@@ -20,7 +20,8 @@ import httpx
 import psutil
 import pytest
 
-from tests.integration.test_gateway_server import (
+from tests.support.eg_chain import kernelspecs_with, scheduler_and_gateway
+from tests.support.gateway_stack import (
     ALICE,
     BOB,
     CAROL,
@@ -32,8 +33,7 @@ from tests.integration.test_gateway_server import (
     execute,
     start_kernel,
 )
-from tests.integration.test_scheduler_durability import Stack
-from tests.support.eg_chain import kernelspecs_with, scheduler_and_gateway
+from tests.support.scheduler_stack import Stack
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(not GATEWAY_PYTHON.exists(), reason="needs .venv-gateway")

@@ -3,7 +3,7 @@
 The chain tests (eviction, warm pools) need what a platform runs minus the hub: Redis, a
 ``python -m scheduler`` process reading a kernelfleet.yaml, and EG with gateway.server
 talking to it with the service token. The hub API is the stand-in of
-tests/integration/test_gateway_server.py (its tokens: ALICE, BOB, CAROL, GATEWAY_SERVICE).
+tests/support/gateway_stack.py (its tokens: ALICE, BOB, CAROL, GATEWAY_SERVICE).
 """
 
 from __future__ import annotations
@@ -16,16 +16,16 @@ from typing import Any
 
 import yaml
 
-from tests.integration.test_gateway_server import (
+from tests.support.gateway_stack import (
     GATEWAY_SERVICE,
     SCHEDULER_TOKEN,
     Gateway,
     HubAPIStandIn,
-    _serve,
+    serve_stand_in,
 )
-from tests.integration.test_scheduler_durability import Stack
 from tests.support.ports import free_port
 from tests.support.redis_server import running_redis
+from tests.support.scheduler_stack import Stack
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -49,7 +49,7 @@ def scheduler_and_gateway(
 ) -> Iterator[tuple[Gateway, Stack]]:  # fmt: skip
     """Redis, the scheduler and EG on free ports; all stopped on exit. ``platform``: more
     kernelfleet.yaml settings (quotas, say)."""
-    hub, hub_port = _serve(HubAPIStandIn)
+    hub, hub_port = serve_stand_in(HubAPIStandIn)
     scheduler_port = free_port()
     gateway = Gateway(folder / "gateway", hub_port, scheduler_port, extra_config=gateway_config)
     try:
