@@ -18,6 +18,8 @@ from typing import Any
 from jupyterhub.spawner import SimpleLocalProcessSpawner
 from traitlets import Float, Integer, List, Unicode, default, validate
 
+from .ports import SERVER_PORTS, above_ephemeral_range, parse_range
+
 #: The server extension (gateway/client) that talks to the gateway from the notebook server.
 GATEWAY_CLIENT_EXTENSION = "gateway.client"
 #: Default seconds a spawned server may take to answer (Spawner.http_timeout).
@@ -28,8 +30,11 @@ class KernelfleetSpawner(SimpleLocalProcessSpawner):
     """Starts ``jupyterhub-singleuser`` from this venv with the gateway client configured.
 
     Overrides ``get_env`` (gateway URL, auth and timeouts), ``get_args`` (lightweight,
-    gateway-backed server) and ``start`` (creates the home folder, mode 0700).
+    gateway-backed server) and ``start`` (creates the home folder, mode 0700, and picks the
+    server's port from :attr:`server_port_range`).
     """
+
+    _picked_port = 0  # the port start() picked last (0: none), told apart from a configured one
 
     home_root = Unicode(
         "",
@@ -59,6 +64,28 @@ class KernelfleetSpawner(SimpleLocalProcessSpawner):
         Raise it if kernels queue for a busy pool for long.
         """,
     ).tag(config=True)
+
+    server_port_range = Unicode(
+        help="""Ports for users' servers, as lo..hi; 0..0: any free port (stock JupyterHub's
+        way). Default: the ports above the system's ephemeral range (61000..65535 on Linux's
+        default), where no outgoing connection or kernel socket can take a server's port
+        between the hub picking it and the server binding it (hub/ports.py). Ignored when
+        Spawner.port is set.
+        """,
+    ).tag(config=True)
+
+    @default("server_port_range")
+    def _default_server_port_range(self) -> str:
+        found = above_ephemeral_range()
+        return f"{found[0]}..{found[1]}" if found else "0..0"
+
+    @validate("server_port_range")
+    def _validate_server_port_range(self, proposal: Any) -> str:
+        try:
+            parse_range(str(proposal.value))
+        except ValueError as e:
+            raise ValueError(f"KernelfleetSpawner.server_port_range: {e}") from None
+        return str(proposal.value)
 
     server_args = List(
         Unicode(),
@@ -149,10 +176,14 @@ class KernelfleetSpawner(SimpleLocalProcessSpawner):
         return args
 
     async def start(self) -> Any:
-        """Create the user's home (mode 0700), then start the server process."""
+        """Create the user's home (mode 0700), pick the server's port, start the server."""
         home = Path(self.home_dir)
         home.mkdir(mode=0o700, parents=True, exist_ok=True)
         home.chmod(0o700)
+        port_range = parse_range(self.server_port_range)
+        if port_range is not None and self.port in (0, self._picked_port):
+            self.port = self._picked_port = SERVER_PORTS.pick(self.ip or "127.0.0.1",
+                                                              port_range)  # fmt: skip
         return await super().start()
 
     async def progress(self) -> AsyncIterator[dict[str, Any]]:

@@ -86,3 +86,35 @@ def test_gateway_url_must_be_http(tmp_path) -> None:
 async def test_progress_says_what_is_happening(tmp_path) -> None:
     events = [event async for event in make_spawner(tmp_path).progress()]
     assert "alice" in events[0]["message"]
+
+
+async def test_start_picks_a_port_above_the_ephemeral_range(tmp_path, monkeypatch) -> None:
+    """Ports handed out by port 0 come from the ephemeral range, where an outgoing
+    connection or a kernel's socket can take one before the server binds it."""
+
+    async def fake_start(self):
+        return (self.ip or "127.0.0.1", self.port)
+
+    monkeypatch.setattr(SimpleLocalProcessSpawner, "start", fake_start)
+    spawner = make_spawner(tmp_path, server_port_range="62000..62100")
+    first = (await spawner.start())[1]
+    assert 62000 <= first <= 62100
+    again = (await make_spawner(tmp_path, name="bob",
+                                server_port_range="62000..62100").start())[1]  # fmt: skip
+    assert again != first  # another server never gets a port handed out moments ago
+    # restarted: a new pick (the old port may be taken by now), unless configured
+    assert 62000 <= (await spawner.start())[1] <= 62100
+    fixed = make_spawner(tmp_path, name="carol", port=40123, server_port_range="62000..62100")
+    assert (await fixed.start())[1] == 40123
+
+
+def test_the_default_port_range_is_above_the_ephemeral_range(tmp_path) -> None:
+    lo, hi = (int(p) for p in make_spawner(tmp_path).server_port_range.split(".."))
+    ephemeral_last = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[1])
+    assert lo == ephemeral_last + 1 and hi == 65535
+
+
+@pytest.mark.parametrize("bad", ["61000-65535", "70000..70001", "2000..1000", "x..y", "80..90"])
+def test_a_bad_port_range_is_refused_by_name(tmp_path, bad: str) -> None:
+    with pytest.raises(ValueError, match="server_port_range"):
+        make_spawner(tmp_path, server_port_range=bad)
