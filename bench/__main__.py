@@ -129,7 +129,11 @@ async def _run_phase(name: str, ctx: Context, run: dict[str, Any]) -> None:
 
 
 async def run_bench(
-    args: argparse.Namespace, run: dict[str, Any], budget: Budget, workdir: Path
+    args: argparse.Namespace,
+    run: dict[str, Any],
+    budget: Budget,
+    workdir: Path,
+    reaper: Reaper | None = None,
 ) -> None:
     """Every selected phase, then every chain stopped; results collected into ``run``."""
     task = asyncio.current_task()
@@ -138,7 +142,7 @@ async def run_bench(
         loop.add_signal_handler(sig, task.cancel if task else (lambda: None))
     chains = Chains(workdir, users=args.users, deadline=budget.remaining)
     ctx = Context(workdir=workdir, budget=budget, chains=chains, quick=args.quick,
-                  users=args.users, chain_keys=args.chains)  # fmt: skip
+                  users=args.users, chain_keys=args.chains, reaper=reaper)  # fmt: skip
     try:
         for name in [phase for phase in PHASES if phase in args.only]:  # PHASES' order
             await _run_phase(name, ctx, run)
@@ -168,7 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     }  # fmt: skip
     try:
         with Watchdog(budget, reaper):
-            asyncio.run(run_bench(args, run, budget, workdir))
+            asyncio.run(run_bench(args, run, budget, workdir, reaper))
     finally:
         left = reaper.reap()
         if left:

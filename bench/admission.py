@@ -293,7 +293,7 @@ async def run(ctx: Context, results: dict[str, Any]) -> None:
                 decide, release = in_process(scheduler)
                 decisions = plan["inprocess"][level]
                 await _warm_up(server, scheduler, platform, decide, release, level, decisions)
-                with _frozen_heap():
+                with _frozen_heap(), ctx.undisturbed():
                     found = await measure(scheduler, platform, decide, release,
                                           concurrency=level, decisions=decisions)  # fmt: skip
                 results["inprocess"][str(level)] = found
@@ -316,7 +316,7 @@ async def _over_http(ctx: Context, server: RedisServer, platform: PlatformConfig
             server.flush()
             async with scheduler_on(server.url, platform) as reader, process.client(level) as api:
                 decide, release = api.decide, api.release
-                with _frozen_heap():
+                with _frozen_heap(), ctx.undisturbed():
                     found = await measure(reader, platform, decide, release, concurrency=level,
                                           decisions=plan[level],
                                           server_pid=process.popen.pid)  # fmt: skip

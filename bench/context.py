@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .chains import CHAIN_LABELS, Chains
-from .runtime import Budget
+from .runtime import Budget, Reaper
 
 
 @dataclass
@@ -21,6 +23,13 @@ class Context:
     users: int = 50
     chain_keys: list[str] = field(default_factory=lambda: list(CHAIN_LABELS))
     phase_ends: float = 0.0  # monotonic deadline of the running phase
+    reaper: Reaper | None = None
+
+    @contextmanager
+    def undisturbed(self) -> Iterator[None]:
+        """While timing code in this process: the reaper's background scans wait."""
+        with self.reaper.paused() if self.reaper is not None else nullcontext():
+            yield
 
     def phase_remaining(self) -> float:
         """Seconds before the running phase is stopped."""

@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -38,6 +40,8 @@ from .stock_hub import running_stock_hub
 STEPS = ("login", "spawn", "kernel_start", "first_result")
 #: Seconds without a progress event after which the spawn's state is read from the hub API.
 QUIET_S = 10.0
+#: Hub log lines kept per failed user (its warnings and errors that name the user).
+LOG_LINES_KEPT = 4
 STOCK_NOTE = (
     "JupyterHub 6.1.1 + the same CHP, SimpleLocalProcessSpawner, jupyterhub-singleuser "
     "(JupyterLab 4) without gateway.client: local kernels from the same ipykernel; "
@@ -148,9 +152,11 @@ async def _morning(user: HubUser, kernel_name: str, journey: Journey, timeout: f
     journey.total_s = time.perf_counter() - began
 
 
-async def crowd(stack: Stack, names: list[str], kernel_name: str, *, timeout: float
-                ) -> dict[str, Any]:  # fmt: skip
-    """All of ``names`` at once on ``stack``; success rate, step and total summaries."""
+async def crowd(stack: Stack, names: list[str], kernel_name: str, *, timeout: float,
+                hub_log: Path | None = None) -> dict[str, Any]:  # fmt: skip
+    """All of ``names`` at once on ``stack``; success rate, step and total summaries, and
+    for each user who failed what ``hub_log`` says of them (the hub's own word on a failed
+    spawn: its progress stream may say no more than "Spawn failed")."""
     users = [HubUser(stack, name) for name in names]
     for user in users:  # a browser waits minutes for a busy hub; HubUser's default is 60 s
         user.http.timeout = httpx.Timeout(timeout)
@@ -169,7 +175,27 @@ async def crowd(stack: Stack, names: list[str], kernel_name: str, *, timeout: fl
         await asyncio.gather(*(one(u, j) for u, j in zip(users, journeys, strict=True)))
     finally:
         await _tidy(users, kernels)
-    return _summary(journeys)
+    summary = _summary(journeys)
+    failed = [j.name for j in journeys if j.failed]
+    if failed and hub_log is not None:
+        summary["failure_logs"] = hub_log_lines(hub_log, failed[:5])
+    return summary
+
+
+def hub_log_lines(log: Path, users: list[str]) -> dict[str, list[str]]:
+    """The last :data:`LOG_LINES_KEPT` warning and error lines of the hub's log (JupyterHub's
+    ``[W ...]`` / ``[E ...]``) that name each of ``users``."""
+    try:
+        text = log.read_text(errors="replace")
+    except OSError as e:
+        return {user: [f"hub log unreadable: {e}"] for user in users}
+    found: dict[str, list[str]] = {}
+    for user in users:
+        named = re.compile(rf"\b{re.escape(user)}\b")
+        lines = [line[:300] for line in text.splitlines()
+                 if line.startswith(("[W ", "[E ", "[C ")) and named.search(line)]  # fmt: skip
+        found[user] = lines[-LOG_LINES_KEPT:]
+    return found
 
 
 async def _tidy(users: list[HubUser], kernels: list[tuple[WebsocketChain, Kernel]]) -> None:
@@ -210,10 +236,12 @@ async def run(ctx: Context, results: dict[str, Any]) -> None:
     results["stock_is"] = STOCK_NOTE
     stack = await ctx.chains.kernelfleet()
     progress(f"users: {len(names)} users at once on kernelfleet")
-    results["kernelfleet"] = await crowd(stack, names, KERNELFLEET_KERNEL, timeout=timeout)
+    results["kernelfleet"] = await crowd(stack, names, KERNELFLEET_KERNEL, timeout=timeout,
+                                         hub_log=stack.state_dir / "logs" / "hub.log")  # fmt: skip
     progress(f"users: kernelfleet {results['kernelfleet']['succeeded']}/{len(names)} ok; "
              f"now the stock hub")  # fmt: skip
     async with running_stock_hub(ctx.workdir / "stock-hub", users=names,
                                  jupyter_path=ctx.chains.kernel_dir) as stock:  # fmt: skip
-        results["stock"] = await crowd(stock, names, BENCH_KERNEL, timeout=timeout)
+        results["stock"] = await crowd(stock, names, BENCH_KERNEL, timeout=timeout,
+                                       hub_log=ctx.workdir / "stock-hub" / "hub.log")  # fmt: skip
     progress(f"users: stock {results['stock']['succeeded']}/{len(names)} ok")

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 from bench.admission import Ledger, _process_cpu_s, in_process, measure
 from bench.report import markdown, targets, write_results
+from bench.runtime import Reaper
 from bench.scheduling import bench_platform, scheduler_on
+from bench.users import hub_log_lines
 from scheduler.leases import Lease
 
 
@@ -92,3 +96,44 @@ async def test_the_ledger_sees_an_over_commit(redis_url: str) -> None:
                                   cpus=1, memory=1, gpus=1, gpu_devices=[0], state="starting",
                                   created=0, last_activity=0))  # fmt: skip
     assert ledger.violations == ["pool gpu GPUs over capacity"]
+
+
+def test_a_failed_users_hub_log_lines_are_kept(tmp_path: Path) -> None:
+    """The hub's progress stream may say only "Spawn failed": its log says why."""
+    log = tmp_path / "hub.log"
+    log.write_text(
+        "[I 2026-11-23 09:41:00.001 JupyterHub log:192] 200 GET /hub/spawn/s0012\n"
+        "[E 2026-11-23 09:41:02.002 JupyterHub base:1217] Failed to add s0012 to proxy!\n"
+        "[W 2026-11-23 09:41:02.003 JupyterHub base:1220] Stopping s0012 to avoid it\n"
+        "[E 2026-11-23 09:41:03.004 JupyterHub base:1217] Failed to add s00123 to proxy!\n"
+    )
+    found = hub_log_lines(log, ["s0012", "s0040"])
+    assert [line.split("] ")[1] for line in found["s0012"]] == [
+        "Failed to add s0012 to proxy!", "Stopping s0012 to avoid it"]  # fmt: skip
+    assert found["s0040"] == []
+    assert "unreadable" in hub_log_lines(tmp_path / "missing.log", ["s0012"])["s0012"][0]
+
+
+def test_the_reaper_can_pause_its_scans_and_still_finds_children() -> None:
+    """Its scans take this process's GIL: timed phases pause them; nothing is missed."""
+    reaper = Reaper(scan_interval_s=0.01)
+    try:
+        scans = 0
+        original = reaper.scan
+
+        def counting() -> None:
+            nonlocal scans
+            scans += 1
+            original()
+
+        reaper.scan = counting  # type: ignore[method-assign]
+        with reaper.paused():
+            child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+            time.sleep(0.2)
+            assert scans == 0
+        assert scans == 1  # the catch-up scan on leaving
+        time.sleep(0.2)
+        assert scans > 1
+    finally:
+        assert "python" in " ".join(reaper.reap(grace_s=2)).lower()
+    assert child.wait(timeout=5) is not None
