@@ -37,6 +37,7 @@ from kernelfleet.config import load_config
 from kernelfleet.kernelspecs.render import build_local
 from tests.support.ports import free_port
 from tests.support.redis_server import RedisServer
+from tests.support.waiting import wait_for_gateway
 
 REPO = Path(__file__).resolve().parents[2]
 GATEWAY_PYTHON = REPO / ".venv-gateway" / "bin" / "python"
@@ -196,7 +197,7 @@ def running_platform(tmp: Path, redis_server: RedisServer) -> Iterator[Platform]
         )  # fmt: skip
         processes.append(gateway)
         url = f"http://127.0.0.1:{gateway_port}"
-        _wait_for_http(url, gateway, gateway_log)
+        wait_for_gateway(url, gateway, gateway_log)
         state = tmp / "state"
         yield Platform(tmp, url, state / "audit" / "audit.jsonl", state / "secrets.yaml",
                        gateway_log, scheduler_log, redis_server, state / "home")  # fmt: skip
@@ -207,19 +208,6 @@ def running_platform(tmp: Path, redis_server: RedisServer) -> Iterator[Platform]
             scheduler.stdout.close()
         hub.shutdown()
         hub.server_close()
-
-
-def _wait_for_http(url: str, process: subprocess.Popen[str], log: Path) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            break
-        try:
-            httpx.get(f"{url}/api", timeout=1)
-            return
-        except httpx.TransportError:
-            time.sleep(0.1)
-    raise RuntimeError(f"gateway did not start:\n{log.read_text()[-3000:]}")
 
 
 # -- talking to kernels ----------------------------------------------------------------------

@@ -28,6 +28,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
 from tests.support.ports import free_port
+from tests.support.waiting import wait_for_gateway
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -215,19 +216,7 @@ class Gateway:
             self.process = subprocess.Popen(
                 command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT
             )
-        self._wait_until_up()
-
-    def _wait_until_up(self) -> None:
-        deadline = time.monotonic() + 60  # a loaded 2-core CI machine is slow to import EG
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"gateway exited:\n{self.log.read_text()[-3000:]}")
-            try:
-                httpx.get(f"{self.url}/api", timeout=1)
-                return
-            except httpx.TransportError:
-                time.sleep(0.1)
-        raise RuntimeError(f"gateway did not start:\n{self.log.read_text()[-3000:]}")
+        wait_for_gateway(self.url, self.process, self.log)
 
     def stop(self) -> int:
         if self.process.poll() is None:
