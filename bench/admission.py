@@ -48,7 +48,7 @@ from scheduler.service import Scheduler
 from tests.support.redis_server import RedisServer
 
 from .context import Context
-from .machine import cpu_ticks
+from .machine import cpu_share, cpu_ticks
 from .runtime import progress
 from .scheduler_process import SchedulerProcess
 from .scheduling import bench_platform, over_commits, scheduler_on, user_groups, user_name
@@ -244,11 +244,7 @@ def _cpu_spent(before: _CpuClocks, after: _CpuClocks, decisions: int) -> dict[st
     }
     if before.server_s is not None and after.server_s is not None:
         spent["server_cpu_us"] = round((after.server_s - before.server_s) / decisions * 1e6, 1)
-    if before.machine is not None and after.machine is not None:
-        busy, steal, total = (b - a for a, b in zip(before.machine, after.machine, strict=True))
-        if total > 0:
-            spent["machine_busy_pct"] = round(100 * busy / total, 1)
-            spent["steal_pct"] = round(100 * steal / total, 1)
+    spent.update(cpu_share(before.machine, after.machine))
     return spent
 
 

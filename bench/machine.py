@@ -99,6 +99,20 @@ def cpu_ticks() -> tuple[int, int, int] | None:
     return busy, steal, busy + idle + iowait + steal
 
 
+def cpu_share(before: tuple[int, int, int] | None, after: tuple[int, int, int] | None
+              ) -> dict[str, float]:  # fmt: skip
+    """How busy the machine was between two :func:`cpu_ticks`, in percent of all its CPUs:
+    ``machine_busy_pct`` and ``steal_pct`` (taken by the hypervisor for other guests);
+    empty when unknown."""
+    if before is None or after is None:
+        return {}
+    busy, steal, total = (b - a for a, b in zip(before, after, strict=True))
+    if total <= 0:
+        return {}
+    return {"machine_busy_pct": round(100 * busy / total, 1),
+            "steal_pct": round(100 * steal / total, 1)}  # fmt: skip
+
+
 def describe() -> dict[str, Any]:
     """The machine as the report shows it."""
     mem_kb = _first("/proc/meminfo", "MemTotal")
