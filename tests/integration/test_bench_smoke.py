@@ -110,13 +110,19 @@ def test_a_failed_users_hub_log_lines_are_kept(tmp_path: Path) -> None:
     log = tmp_path / "hub.log"
     log.write_text(
         "[I 2026-11-23 09:41:00.001 JupyterHub log:192] 200 GET /hub/spawn/s0012\n"
+        "[W 2026-11-23 09:41:00.002 JupyterHub _xsrf_utils:215] Skipping XSRF check for "
+        "insecure request GET /hub/api/users/s0012\n"
         "[E 2026-11-23 09:41:02.002 JupyterHub base:1217] Failed to add s0012 to proxy!\n"
         "[W 2026-11-23 09:41:02.003 JupyterHub base:1220] Stopping s0012 to avoid it\n"
         "[E 2026-11-23 09:41:03.004 JupyterHub base:1217] Failed to add s00123 to proxy!\n"
-    )
+        + "".join(f"[W 2026-11-23 09:42:0{i}.000 JupyterHub x:1] clean-up {i} of s0012\n"
+                  for i in range(5))
+    )  # fmt: skip
     found = hub_log_lines(log, ["s0012", "s0040"])
+    # the cause first (not the clean-up after it), without the xsrf noise
     assert [line.split("] ")[1] for line in found["s0012"]] == [
-        "Failed to add s0012 to proxy!", "Stopping s0012 to avoid it"]  # fmt: skip
+        "Failed to add s0012 to proxy!", "Stopping s0012 to avoid it", "clean-up 0 of s0012",
+        "clean-up 1 of s0012"]  # fmt: skip
     assert found["s0040"] == []
     assert "unreadable" in hub_log_lines(tmp_path / "missing.log", ["s0012"])["s0012"][0]
 
