@@ -59,8 +59,8 @@ class Reaper:
     meanwhile (:meth:`paused`).
     """
 
-    def __init__(self, *, scan_interval_s: float = 1.0) -> None:
-        self._me = psutil.Process()
+    def __init__(self, *, scan_interval_s: float = 1.0, root: int | None = None) -> None:
+        self._me = psutil.Process(root)  # root: whose descendants (default: this process)
         self._known: dict[tuple[int, float], str] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()

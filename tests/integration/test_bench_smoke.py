@@ -128,8 +128,13 @@ def test_a_failed_users_hub_log_lines_are_kept(tmp_path: Path) -> None:
 
 
 def test_the_reaper_can_pause_its_scans_and_still_finds_children() -> None:
-    """Its scans take this process's GIL: timed phases pause them; nothing is missed."""
-    reaper = Reaper(scan_interval_s=0.01)
+    """Its scans take this process's GIL: timed phases pause them; nothing is missed.
+    (Rooted at a process of its own: a reaper of pytest's children would stop the test
+    session's shared Redis.)"""
+    script = ("import subprocess, time; time.sleep(0.3); "
+              "subprocess.Popen(['/bin/sleep', '30']); time.sleep(30)")  # fmt: skip
+    parent = subprocess.Popen([sys.executable, "-c", script])
+    reaper = Reaper(scan_interval_s=0.01, root=parent.pid)
     try:
         scans = 0
         original = reaper.scan
@@ -141,12 +146,14 @@ def test_the_reaper_can_pause_its_scans_and_still_finds_children() -> None:
 
         reaper.scan = counting  # type: ignore[method-assign]
         with reaper.paused():
-            child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
-            time.sleep(0.2)
+            time.sleep(0.8)  # the parent starts its child meanwhile
             assert scans == 0
-        assert scans == 1  # the catch-up scan on leaving
+        assert scans == 1  # the catch-up scan on leaving found the child
+        assert "sleep" in [proc.name() for proc in reaper.alive()]
         time.sleep(0.2)
         assert scans > 1
     finally:
-        assert "python" in " ".join(reaper.reap(grace_s=2)).lower()
-    assert child.wait(timeout=5) is not None
+        left = reaper.reap(grace_s=2)  # its root's descendants, not the root
+        parent.kill()
+        parent.wait(timeout=5)
+    assert left == ["sleep"]
