@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
 from .kubernetes_settings import KubernetesSettings
@@ -82,6 +82,18 @@ class Ports(_Strict):
         if not 1 <= value <= 65535:
             raise ValueError(f"{value} is not a TCP port (1-65535)")
         return value
+
+    @model_validator(mode="after")
+    def _distinct(self) -> Ports:
+        seen: dict[int, str] = {}
+        for name, port in self.model_dump().items():
+            if port in seen:
+                raise ValueError(
+                    f"ports.{seen[port]} and ports.{name} are both {port}: each "
+                    "component listens on its own port; give one of them another"
+                )
+            seen[port] = name
+        return self
 
 
 class PoolConfig(_Strict):

@@ -18,7 +18,7 @@ import httpx
 import websockets
 import yaml
 
-from tests.support.ports import free_port
+from tests.support.ports import free_ports
 
 REPO = Path(__file__).resolve().parents[2]
 READY_LINE = "kernelfleet is up"
@@ -58,7 +58,7 @@ class Stack:
 def write_test_config(tmp: Path, **overrides: Any) -> Path:
     """The repo's kernelfleet.yaml with free ports and a private state dir."""
     raw = yaml.safe_load((REPO / "kernelfleet.yaml").read_text())
-    raw["ports"] = {name: free_port() for name in raw["ports"]}
+    raw["ports"] = dict(zip(raw["ports"], free_ports(len(raw["ports"])), strict=True))
     raw["state_dir"] = str(tmp / "state")
     raw["kernelspecs_dir"] = str(REPO / "kernelspecs")
     raw["kernel_python"] = str(REPO / ".venv-kernel" / "bin" / "python")

@@ -26,6 +26,11 @@ def test_shipped_config_has_the_demo_users_and_pools() -> None:
     ("change", "field", "reason"),
     [
         ({"ports": {"hub": 70000}}, "ports.hub", "not a TCP port"),
+        (
+            {"ports": {"gateway": 9000, "hub_api": 9000}},
+            "ports",
+            "ports.hub_api and ports.gateway are both 9000",
+        ),
         ({"pools": {"gpu": {"gpus": -1}}}, "pools.gpu.gpus", "must not be negative"),
         ({"pools": {"gpu": {"memory": "lots"}}}, "pools.gpu.memory", "not a memory size"),
         ({"pools": {}}, "pools", "at least one pool"),
