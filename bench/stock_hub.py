@@ -83,12 +83,17 @@ def write_config(folder: Path, *, users: list[str], jupyter_path: Path) -> tuple
     return config, stack
 
 
+def hub_log_path(folder: Path) -> Path:
+    """Where the stock hub started in ``folder`` writes its log."""
+    return folder / "hub.log"
+
+
 @asynccontextmanager
 async def running_stock_hub(folder: Path, *, users: list[str], jupyter_path: Path
                             ) -> AsyncIterator[Stack]:  # fmt: skip
     """A started stock hub (see the module docstring), stopped with its servers on exit."""
     config, stack = write_config(folder, users=users, jupyter_path=jupyter_path)
-    log = (folder / "hub.log").open("wb")
+    log = hub_log_path(folder).open("wb")
     env = {**os.environ, "CONFIGPROXY_AUTH_TOKEN": secrets.token_hex(32)}
     process = subprocess.Popen(
         [str(Path(sys.executable).parent / "jupyterhub"), "-f", str(config)],
@@ -97,7 +102,7 @@ async def running_stock_hub(folder: Path, *, users: list[str], jupyter_path: Pat
     )  # fmt: skip
     stack.process = process  # type: ignore[assignment]
     try:
-        await _wait_ready(stack, process, folder / "hub.log")
+        await _wait_ready(stack, process, hub_log_path(folder))
         yield stack
     finally:
         _stop(process)

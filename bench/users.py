@@ -35,7 +35,7 @@ from .context import Context
 from .kernels import Kernel
 from .runtime import progress
 from .stats import summarize
-from .stock_hub import running_stock_hub
+from .stock_hub import hub_log_path, running_stock_hub
 
 STEPS = ("login", "spawn", "kernel_start", "first_result")
 #: Seconds without a progress event after which the spawn's state is read from the hub API.
@@ -240,11 +240,12 @@ async def run(ctx: Context, results: dict[str, Any]) -> None:
     stack = await ctx.chains.kernelfleet()
     progress(f"users: {len(names)} users at once on kernelfleet")
     results["kernelfleet"] = await crowd(stack, names, KERNELFLEET_KERNEL, timeout=timeout,
-                                         hub_log=stack.state_dir / "logs" / "hub.log")  # fmt: skip
+                                         hub_log=stack.log_path("hub"))  # fmt: skip
     progress(f"users: kernelfleet {results['kernelfleet']['succeeded']}/{len(names)} ok; "
              f"now the stock hub")  # fmt: skip
-    async with running_stock_hub(ctx.workdir / "stock-hub", users=names,
+    stock_dir = ctx.workdir / "stock-hub"
+    async with running_stock_hub(stock_dir, users=names,
                                  jupyter_path=ctx.chains.kernel_dir) as stock:  # fmt: skip
         results["stock"] = await crowd(stock, names, BENCH_KERNEL, timeout=timeout,
-                                       hub_log=ctx.workdir / "stock-hub" / "hub.log")  # fmt: skip
+                                       hub_log=hub_log_path(stock_dir))  # fmt: skip
     progress(f"users: stock {results['stock']['succeeded']}/{len(names)} ok")

@@ -51,8 +51,11 @@ class Stack:
     def secret(self, name: str) -> str:
         return (self.state_dir / "secrets" / name).read_text().strip()
 
+    def log_path(self, component: str) -> Path:
+        return self.state_dir / "logs" / f"{component}.log"
+
     def log(self, component: str) -> str:
-        return (self.state_dir / "logs" / f"{component}.log").read_text(errors="replace")
+        return self.log_path(component).read_text(errors="replace")
 
 
 def write_test_config(tmp: Path, **overrides: Any) -> Path:
