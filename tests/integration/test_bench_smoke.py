@@ -148,10 +148,12 @@ def test_the_reaper_can_pause_its_scans_and_still_finds_children() -> None:
         with reaper.paused():
             time.sleep(0.8)  # the parent starts its child meanwhile
             assert scans == 0
-        assert scans == 1  # the catch-up scan on leaving found the child
+        # the catch-up scan on leaving found the child (the thread may already scan again)
+        assert scans >= 1
         assert "sleep" in [proc.name() for proc in reaper.alive()]
+        after_pause = scans
         time.sleep(0.2)
-        assert scans > 1
+        assert scans > after_pause  # background scans resumed
     finally:
         left = reaper.reap(grace_s=2)  # its root's descendants, not the root
         parent.kill()
