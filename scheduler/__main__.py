@@ -268,6 +268,7 @@ async def serve(startup: Startup, sock: socket.socket, *, log_level: str = "info
     )  # fmt: skip
     try:
         await scheduler.ping()
+        await scheduler.ensure_layout()  # else the queue step does it once Redis answers
     except RedisUnavailable as e:
         log.warning("%s Serving 503 until it answers.", e.message)
     resolver = HubTokenResolver(startup.hub_api_url) if startup.hub_api_url else None

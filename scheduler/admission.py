@@ -25,7 +25,7 @@ from kernelfleet.config import Quota, Quotas
 from kernelfleet.kernelspecs.spec import KernelSpec
 
 from . import keys, lua, messages
-from .batching import batcher_for
+from .batching import Packed, batcher_for
 from .errors import (
     KernelspecForbidden,
     LeaseConflict,
@@ -97,20 +97,20 @@ def admission_args(
     pool: Pool,
     quota: Quota,
     warm: bool = False,
-) -> str:
-    """``ARGV[1]`` of the ADMIT script: what does not change from one request of this user
-    for this kernelspec to the next (see :mod:`scheduler.lua` for the fields; the kernel
-    id, ``now`` and ``deadline`` travel as ``ARGV[2..4]``)."""
+) -> tuple[str | int, ...]:
+    """``ARGV[4..]`` of the ADMIT script (:data:`scheduler.lua.REQUEST_FIELDS`, in order):
+    what does not change from one request of this user for this kernelspec to the next (the
+    kernel id, ``now`` and ``deadline`` travel as ``ARGV[1..3]``)."""
     res = spec.resources
-    return json.dumps(
-        {
-            "user": user, "kernelspec": spec.name, "pool": pool.name,
-            "cpus": repr(float(res.cpus)), "cpus_milli": to_milli(res.cpus),
-            "memory": res.memory, "gpus": res.gpus,
-            "groups": json.dumps(sorted(set(groups))), "admin": admin, "window": GPU_WINDOW_S,
-            "quota": quota_limits(quota), "capacity": pool_capacity(pool), "warm": warm,
-        }
-    )  # fmt: skip
+    values: dict[str, str | int] = {
+        "user": user, "kernelspec": spec.name, "pool": pool.name, "cpus": repr(float(res.cpus)),
+        "cpus_milli": to_milli(res.cpus), "memory": res.memory, "gpus": res.gpus,
+        "groups": json.dumps(sorted(set(groups))), "admin": int(admin), "warm": int(warm),
+        "window": GPU_WINDOW_S,
+    }  # fmt: skip
+    values.update({f"quota_{k}": v for k, v in quota_limits(quota).items()})
+    values.update({f"capacity_{k}": v for k, v in pool_capacity(pool).items()})
+    return tuple(values[name] for name, _ in lua.REQUEST_FIELDS)
 
 
 @dataclass(frozen=True)
@@ -121,7 +121,7 @@ class _Prepared:
     spec: KernelSpec
     pool: Pool
     quotas: Quotas
-    args: str
+    args: Packed
 
 
 #: Prepared admissions kept (user x groups x kernelspec): dropped all at once when full.
@@ -191,25 +191,26 @@ class Admitter:
         with unavailable_as(self._location):
             reply = await self._batcher.script(
                 self._script, keys.ScriptKeys.kernel_part(kernel_id),
-                (args, kernel_id, repr(now), repr(deadline)),
-                shared=keys.ScriptKeys.owner_part(user, pool.name),
+                (kernel_id, repr(now), repr(deadline)),
+                shared=keys.ScriptKeys.owner_part(user, pool.name), tail=args,
             )  # fmt: skip
         kind = reply[0]
         if kind == "exists":
             lease = Lease.from_redis(dict(zip(reply[1::2], reply[2::2], strict=True)))
             return Admission(lease=lease, env=kernel_env(lease), created=False)
         if kind == "admitted":
-            res = spec.resources
-            lease = Lease.model_construct(
+            res, devices = spec.resources, reply[1]
+            lease = Lease.of(
                 kernel_id=kernel_id, user=user, kernelspec=spec.name, pool=pool.name,
                 cpus=res.cpus, memory=res.memory, gpus=res.gpus,
-                gpu_devices=[int(d) for d in reply[1].split(",") if d],
+                gpu_devices=[int(d) for d in devices.split(",")] if devices else [],
                 state="starting", created=now, last_activity=now, connections=0, waited=0.0,
-                stopped=None, stop_reason=None,  # all given: pydantic looks up no defaults
+                stopped=None, stop_reason=None,
             )  # fmt: skip
             log.info("admitted kernel %s of %s (%s) in pool %s, GPUs [%s]",
-                     kernel_id, user, spec.name, pool.name, reply[1])  # fmt: skip
-            return Admission(lease=lease, env=kernel_env(lease), created=True)
+                     kernel_id, user, spec.name, pool.name, devices)  # fmt: skip
+            # the script's device list is kernel_env's text already ("0,1"; "" without GPUs)
+            return Admission(lease=lease, env={"CUDA_VISIBLE_DEVICES": devices}, created=True)
         if kind == "queued":
             log.info("queued kernel %s of %s (%s) for pool %s at position %s",
                      kernel_id, user, spec.name, pool.name, reply[1])  # fmt: skip
@@ -221,9 +222,9 @@ class Admitter:
 
     def _prepared(
         self, kernelspec: str, user: str, groups: list[str], admin: bool, warm: bool
-    ) -> tuple[KernelSpec, Pool, str]:
-        """The kernelspec (checked for this user), its pool and ``ARGV[1]``, computed once
-        per user, groups and kernelspec while the kernelspecs, pools and quotas stay."""
+    ) -> tuple[KernelSpec, Pool, Packed]:
+        """The kernelspec (checked for this user), its pool and ``ARGV[4..]`` (packed), made
+        once per user, groups and kernelspec while the kernelspecs, pools and quotas stay."""
         key = (kernelspec, user, tuple(groups), admin, warm)
         found = self._prepared_args.get(key)
         spec = self.kernelspecs.get(kernelspec)
@@ -234,8 +235,8 @@ class Admitter:
         spec = self.kernelspec(kernelspec, groups, admin=admin or warm)
         pool = self._pools[spec.pool]
         quota = Quota() if warm else effective_quota(self.quotas, user, groups)
-        args = admission_args(user=user, groups=groups, admin=admin, spec=spec, pool=pool,
-                              quota=quota, warm=warm)  # fmt: skip
+        args = Packed(admission_args(user=user, groups=groups, admin=admin, spec=spec,
+                                     pool=pool, quota=quota, warm=warm))  # fmt: skip
         if len(self._prepared_args) >= _PREPARED_KEPT:
             self._prepared_args.clear()
         self._prepared_args[key] = _Prepared(spec, pool, self.quotas, args)

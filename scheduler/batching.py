@@ -81,6 +81,16 @@ def _arguments(packed: bytes) -> bytes:
     return packed[packed.index(b"\r\n") + 2 :]
 
 
+class Packed:
+    """Arguments that end many calls (a user's admission arguments), packed once."""
+
+    __slots__ = ("args", "data")
+
+    def __init__(self, args: Sequence[Arg]) -> None:
+        self.args = tuple(args)
+        self.data = _arguments(pack(self.args)) if self.args else b""
+
+
 def _error(message: str) -> redis_errors.RedisError:
     code = message.split(" ", 1)[0]
     return _ERRORS.get(code, redis_errors.ResponseError)(message)
@@ -202,6 +212,9 @@ class _Link(asyncio.Protocol):
             self._arm()
 
 
+_NO_TAIL = Packed(())
+
+
 class Batcher:
     """Scripts and commands of concurrent callers, sent together on one connection of its own.
 
@@ -227,21 +240,23 @@ class Batcher:
 
     async def script(
         self, script: AsyncScript, keys: Sequence[str], args: Sequence[Arg], *,
-        shared: tuple[str, ...] = (),
+        shared: tuple[str, ...] = (), tail: Packed = _NO_TAIL,
     ) -> Reply:  # fmt: skip
         """Run a registered script (EVALSHA); loads it first if Redis does not have it.
 
-        ``KEYS`` is ``shared`` then ``keys``: ``shared`` are keys that come back call after
-        call (a user's and a pool's), packed once and kept (:func:`_packed_head`).
+        ``KEYS`` is ``shared`` then ``keys``, ``ARGV`` is ``args`` then ``tail``: ``shared``
+        are keys that come back call after call (a user's and a pool's), packed once and kept
+        (:func:`_packed_head`); ``tail`` was packed by its maker.
         """
         if not self.batched:
-            return await script(keys=[*shared, *keys], args=list(args))  # type: ignore[arg-type]
+            return await script(keys=[*shared, *keys],  # type: ignore[arg-type]
+                                args=[*args, *tail.args])  # fmt: skip
         if shared:
             count, head = _packed_head(script.sha, len(shared) + len(keys), shared)
-            total = b"*%d\r\n" % (count + len(keys) + len(args))
-            packed = b"".join((total, head, _arguments(pack((*keys, *args)))))
+            total = b"*%d\r\n" % (count + len(keys) + len(args) + len(tail.args))
+            packed = b"".join((total, head, _arguments(pack((*keys, *args))), tail.data))
         else:
-            packed = pack(("EVALSHA", script.sha, len(keys), *keys, *args))
+            packed = pack(("EVALSHA", script.sha, len(keys), *keys, *args, *tail.args))
         try:
             return await self._call(packed)
         except redis_errors.NoScriptError:

@@ -117,7 +117,7 @@ class EvictionStore:
 
     async def mark_stopped(self, kernel_id: str, reason: str) -> None:
         """Give the stopped lease the eviction's reason (EG's own release may have landed
-        first, as ``released``); the stopped copy keeps its expiry."""
+        first, as ``released``)."""
         key = keys.stopped(kernel_id)
         with unavailable_as(self._location):
             if await self._redis.exists(key):

@@ -9,21 +9,21 @@ with another key. Lua scripts get every key they touch from these functions, thr
 key                                         type    content
 ==========================================  ======  ============================================
 ``kf:lease:{kernel_id}``                    hash    one lease (see :mod:`scheduler.leases`)
-``kf:leases``                               zset    kernel_id scored by created time (unix s)
-``kf:stopped:{kernel_id}``                  hash    a stopped lease, kept a while (TTL)
+``kf:leases``                               zset    kernel_id scored by created time (whole unix s)
+``kf:stopped:{kernel_id}``                  hash    a stopped lease, kept a while (trimmed by index)
 ``kf:leases:stopped``                       zset    kernel_id of stopped leases by stop time
 ``kf:user:{user}:leases``                   set     kernel_ids of a user's leases
-``kf:user:{user}:usage``                    hash    kernels, cpus_milli, memory, gpus held by user
+``kf:user:{user}:usage``                    hash    kernels, cpus_milli, memory, gpus held by user;
+                                                    groups (JSON), admin: as of their last request
 ``kf:user:{user}:gpu:running``              zset    ``gpus|kernel_id`` by start time
 ``kf:user:{user}:gpu:done``                 zset    ``gpus|start|kernel_id`` by end time (24 h)
 ``kf:user:{user}:queued``                   set     kernel_ids of a user's waiting requests
-``kf:user:{user}:profile``                  hash    groups (JSON), admin: as of the last admission
 ``kf:pool:{pool}:leases``                   set     kernel_ids of the leases in a pool
-``kf:pool:{pool}:usage``                    hash    kernels, cpus_milli, memory, gpus used in pool
-``kf:pool:{pool}:states``                   hash    lease state -> number of leases in that state
+``kf:pool:{pool}:usage``                    hash    kernels, cpus_milli, memory, gpus used in pool;
+                                                    starting, idle, busy: leases in that state;
+                                                    gpu_devices: device count the free set is for
 ``kf:pool:{pool}:gpus:free``                set     free GPU device indexes of the pool
 ``kf:pool:{pool}:gpus:held``                hash    GPU device index -> kernel_id holding it
-``kf:pool:{pool}:meta``                     hash    gpu_devices: device count the free set is for
 ``kf:pool:{pool}:queue``                    zset    ``seq|kernel_id`` by fair-queue tag
 ``kf:pool:{pool}:queue:user:{user}``        zset    kernel_id by tag: one user's waiting requests
 ``kf:pool:{pool}:queue:meta``               hash    vtime (tag last served), seq (arrivals)
@@ -38,7 +38,11 @@ key                                         type    content
 ``kf:evictions``                            list    JSON eviction records, newest first (capped)
 ``kf:lock:{name}``                          string  holder of a loop's lock (with expiry)
 ``kf:start-failure:{kernel_id}``            hash    why a kernel pod did not start (kubernetes; TTL)
+``kf:schema``                               string  the layout's version (:data:`SCHEMA`)
 ==========================================  ======  ============================================
+
+The layout has a version, :data:`SCHEMA` in ``kf:schema``; :mod:`scheduler.migrate` brings
+older data up to it when the scheduler starts (the keys of older layouts are named there).
 """
 
 from __future__ import annotations
@@ -59,6 +63,10 @@ EVICT_WARNED = f"{PREFIX}:evict:warned"
 EVICT_NOTES = f"{PREFIX}:evict:notes"
 EVICTIONS = f"{PREFIX}:evictions"
 WARM_TARGETS = f"{PREFIX}:warm:targets"
+SCHEMA_KEY = f"{PREFIX}:schema"
+#: The layout described above. 2: usage hashes hold lease states, device counts and
+#: profiles; stopped copies are trimmed by their index, not by TTL.
+SCHEMA = 2
 
 
 #: The names ``quote(name, safe="")`` leaves as they are (letters, digits, ``_.-~``).
@@ -111,11 +119,6 @@ def user_queued(user: str) -> str:
     return f"{PREFIX}:user:{_part(user)}:queued"
 
 
-def user_profile(user: str) -> str:
-    """The hash of what the last admission said about a user (groups, admin)."""
-    return f"{PREFIX}:user:{_part(user)}:profile"
-
-
 def pool_leases(pool: str) -> str:
     """The set of kernel ids in a pool."""
     return f"{PREFIX}:pool:{_part(pool)}:leases"
@@ -126,11 +129,6 @@ def pool_usage(pool: str) -> str:
     return f"{PREFIX}:pool:{_part(pool)}:usage"
 
 
-def pool_states(pool: str) -> str:
-    """The hash of lease counts by state in a pool."""
-    return f"{PREFIX}:pool:{_part(pool)}:states"
-
-
 def pool_gpus_free(pool: str) -> str:
     """The set of free GPU device indexes in a pool."""
     return f"{PREFIX}:pool:{_part(pool)}:gpus:free"
@@ -139,11 +137,6 @@ def pool_gpus_free(pool: str) -> str:
 def pool_gpus_held(pool: str) -> str:
     """The hash of GPU device index -> kernel id holding it."""
     return f"{PREFIX}:pool:{_part(pool)}:gpus:held"
-
-
-def pool_meta(pool: str) -> str:
-    """The hash of bookkeeping about a pool's Redis state (device count of the free set)."""
-    return f"{PREFIX}:pool:{_part(pool)}:meta"
 
 
 def pool_queue(pool: str) -> str:
@@ -189,10 +182,8 @@ class ScriptKeys:
     user_usage: str
     pool_leases: str
     pool_usage: str
-    pool_states: str
     gpus_free: str
     gpus_held: str
-    pool_meta: str
     gpu_running: str
     gpu_done: str
     queue: str
@@ -202,7 +193,6 @@ class ScriptKeys:
     deadlines: str
     seen: str
     stopped_index: str
-    profile: str
     # the kernel's own keys come last (see list_for)
     lease: str
     entry: str
@@ -218,10 +208,8 @@ class ScriptKeys:
             user_usage=user_usage(user),
             pool_leases=pool_leases(pool),
             pool_usage=pool_usage(pool),
-            pool_states=pool_states(pool),
             gpus_free=pool_gpus_free(pool),
             gpus_held=pool_gpus_held(pool),
-            pool_meta=pool_meta(pool),
             gpu_running=user_gpu_running(user),
             gpu_done=user_gpu_done(user),
             queue=pool_queue(pool),
@@ -233,7 +221,6 @@ class ScriptKeys:
             seen=QUEUE_SEEN,
             stopped=stopped(kernel_id),
             stopped_index=STOPPED,
-            profile=user_profile(user),
         )
 
     def as_list(self) -> list[str]:
@@ -254,8 +241,10 @@ class ScriptKeys:
 
     @staticmethod
     def kernel_part(kernel_id: str) -> tuple[str, str, str]:
-        """The last three ``KEYS``: the kernel's own lease, queue entry and stopped copy."""
-        return lease(kernel_id), queued(kernel_id), stopped(kernel_id)
+        """The last three ``KEYS``: the kernel's own lease, queue entry and stopped copy
+        (``lease``, ``queued`` and ``stopped`` of it, the id encoded once)."""
+        part = _part(kernel_id)
+        return f"{PREFIX}:lease:{part}", f"{PREFIX}:queued:{part}", f"{PREFIX}:stopped:{part}"
 
     @classmethod
     def lua_bindings(cls) -> str:

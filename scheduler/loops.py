@@ -7,7 +7,9 @@
 - ``gpu_hours`` (every ``gpu_hours_interval_s``, with a gateway): stop GPU kernels of users
   whose GPU-hours reached their quota;
 - ``evictions`` (every ``eviction_interval_s``, with a gateway): warn and stop idle kernels
-  (:mod:`scheduler.eviction`).
+  (:mod:`scheduler.eviction`);
+- ``stopped`` (every ``stopped_interval_s``): delete stopped leases' copies past the time
+  they are listed for (:meth:`scheduler.leases.LeaseStore.trim_stopped`).
 
 A failing round is logged and counted (``loop_errors_total{loop}``) and the loop goes on;
 while Redis is down that is one warning when it starts failing and one line when it is
@@ -44,9 +46,13 @@ class Loops:
         gpu_hours_interval_s: float = 30.0,
         evictor: Evictor | None = None,
         eviction_interval_s: float = 5.0,
+        stopped_interval_s: float = 60.0,
     ) -> None:
         self.scheduler = scheduler
-        self.steps: dict[str, tuple[Step, float]] = {"queues": (self.queues, queue_interval_s)}
+        self.steps: dict[str, tuple[Step, float]] = {
+            "queues": (self.queues, queue_interval_s),
+            "stopped": (scheduler.leases.trim_stopped, stopped_interval_s),
+        }
         if reconciler is not None:
             self.steps["reconcile"] = (reconciler.run_once, reconcile_interval_s)
             self.steps["gpu_hours"] = (reconciler.enforce_gpu_hours, gpu_hours_interval_s)
@@ -56,7 +62,9 @@ class Loops:
         self._tasks: list[asyncio.Task[None]] = []
 
     async def queues(self) -> None:
-        """Expire, then promote every pool with waiting requests."""
+        """Expire, then promote every pool with waiting requests (Redis data of an older
+        scheduler is migrated first, if start-up could not)."""
+        await self.scheduler.ensure_layout()
         await self.scheduler.expire_queues()
         await self.scheduler.promote_all()
 

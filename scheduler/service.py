@@ -31,8 +31,9 @@ from .errors import (
     UnknownAdmission,
     UnknownKernelspec,
 )
-from .leases import Lease, LeaseStore
+from .leases import LIVE_STATES, Lease, LeaseStore
 from .metrics import SchedulerMetrics
+from .migrate import migrate
 from .pools import Pool, from_milli
 from .queue import HEARTBEAT_TIMEOUT_S, Entry, Outcome, Queue
 from .store import unavailable_as
@@ -142,6 +143,7 @@ class Scheduler:
         self.activity = ActivityRecorder(redis, location=location, clock=clock)
         self.usage = UsageReader(redis, pools=pools, quotas=quotas, location=location,
                                  known_groups=known_groups, clock=clock)  # fmt: skip
+        self._layout_checked = False
 
     @classmethod
     def from_config(
@@ -167,6 +169,15 @@ class Scheduler:
         """Raise RedisUnavailable unless Redis answers."""
         with unavailable_as(self.location):
             await self.redis.ping()
+
+    async def ensure_layout(self) -> None:
+        """Bring Redis data an older scheduler wrote up to this one's layout, once per
+        process (:mod:`scheduler.migrate`); RedisUnavailable while Redis is down."""
+        if self._layout_checked:
+            return
+        with unavailable_as(self.location):
+            await migrate(self.redis)
+        self._layout_checked = True
 
     # -- admission ---------------------------------------------------------------------------
 
@@ -337,13 +348,13 @@ class Scheduler:
         with unavailable_as(self.location):
             pipe = self.redis.pipeline(transaction=False)
             for name in names:
-                pipe.hgetall(keys.pool_usage(name))
-                pipe.hgetall(keys.pool_states(name))
+                pipe.hgetall(keys.pool_usage(name))  # lease states too
                 pipe.zcard(keys.pool_queue(name))
             rows = await pipe.execute()
         result = []
         for i, name in enumerate(names):
-            usage, states, queued = rows[3 * i], rows[3 * i + 1], rows[3 * i + 2]
+            usage, queued = rows[2 * i], rows[2 * i + 1]
+            states = {s: int(usage[s]) for s in LIVE_STATES if int(usage.get(s, 0)) > 0}
             result.append(
                 PoolStatus(
                     pool=self.pools[name],

@@ -86,18 +86,17 @@ class UsageReader:
         """``user``'s usage against the quota of ``groups`` (default: as last seen)."""
         with unavailable_as(self._location):
             pipe = self._redis.pipeline(transaction=False)
-            pipe.hgetall(keys.user_usage(user))
-            pipe.hgetall(keys.user_profile(user))
+            pipe.hgetall(keys.user_usage(user))  # with the profile of their last request
             pipe.scard(keys.user_queued(user))
-            held, profile, queued = await pipe.execute()
+            held, queued = await pipe.execute()
         if groups is None:
-            stored = profile.get("groups")
+            stored = held.get("groups")
             groups = json.loads(stored) if stored else self._known_groups.get(user, [])
         gpu_seconds = await self.gpu_seconds(user)
         return Usage(
             user=user,
             groups=sorted(set(groups)),
-            admin=profile.get("admin") == "1",
+            admin=held.get("admin") == "1",
             quota=effective_quota(self._quotas, user, groups),
             kernels=int(held.get("kernels", 0)),
             cpus=from_milli(int(held.get("cpus_milli", 0))),

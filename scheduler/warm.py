@@ -146,7 +146,8 @@ class WarmTargets:
         since = now - max(auto.window for auto in autos.values())
         fields = ("user", "kernelspec", "created")
         with unavailable_as(self._location):
-            live = await self._redis.zrangebyscore(keys.LEASES, since, "+inf")
+            # the created index holds whole seconds: from the second `since` falls in
+            live = await self._redis.zrangebyscore(keys.LEASES, math.floor(since), "+inf")
             stopped = await self._redis.zrangebyscore(keys.STOPPED, since, "+inf")
             pipe = self._redis.pipeline(transaction=False)
             for kernel_id in live:

@@ -153,7 +153,8 @@ async def test_admission_is_idempotent_per_kernel_id(scheduler):
     again = await _admit(scheduler, "carol", "python-gpu", groups=["ml"], kernel_id="same")
     assert not again.created and again.lease == first.lease and again.env == first.env
     usage = await scheduler.redis.hgetall(keys.user_usage("carol"))
-    assert usage == {"kernels": "1", "cpus_milli": "1000", "memory": str(4 * GIB), "gpus": "1"}
+    assert usage == {"kernels": "1", "cpus_milli": "1000", "memory": str(4 * GIB), "gpus": "1",
+                     "groups": '["ml"]', "admin": "0"}  # fmt: skip
     with pytest.raises(LeaseConflict):
         await _admit(scheduler, "mallory", "python-gpu", groups=["ml"], kernel_id="same")
 
@@ -211,7 +212,7 @@ async def test_200_concurrent_admissions_never_overcommit(scheduler):
     assert sum(released) == len(ids)
     assert await _check_consistent(scheduler) == []
     assert await scheduler.redis.hgetall(keys.pool_usage("cpu")) == {
-        "kernels": "0", "cpus_milli": "0", "memory": "0", "gpus": "0",
+        "kernels": "0", "cpus_milli": "0", "memory": "0", "gpus": "0", "starting": "0",
     }  # fmt: skip
 
 

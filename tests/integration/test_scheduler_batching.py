@@ -20,7 +20,7 @@ from kernelfleet.config import PlatformConfig
 from kernelfleet.kernelspecs.spec import KernelSpec
 from scheduler import batching, keys
 from scheduler.admission import Admission
-from scheduler.batching import Batcher, batcher_for
+from scheduler.batching import Batcher, Packed, batcher_for
 from scheduler.errors import PoolFull, QuotaExceeded, RedisUnavailable
 from scheduler.pools import HostProbe, resolve_pools
 from scheduler.service import Scheduler
@@ -88,7 +88,7 @@ async def test_concurrent_admissions_decide_as_sequential_ones(
     released = await asyncio.gather(*(together.release(lease.kernel_id) for lease in leases))
     assert all(released)
     assert await together.redis.hgetall(keys.pool_usage("cpu")) == {
-        "kernels": "0", "cpus_milli": "0", "memory": "0", "gpus": "0"
+        "kernels": "0", "cpus_milli": "0", "memory": "0", "gpus": "0", "starting": "0"
     }  # fmt: skip
 
 
@@ -262,6 +262,21 @@ async def test_shared_keys_come_first_and_are_packed_once(redis_url: str) -> Non
         # another script with the same shared keys gets its own packed head
         other = client.register_script("return #KEYS")
         assert await batched.script(other, ["k1", "k2"], [], shared=shared) == 4
+    finally:
+        await client.aclose()
+
+
+async def test_a_packed_tail_ends_the_arguments(redis_url: str) -> None:
+    client = connect(redis_url)
+    try:
+        batched, one_by_one = Batcher(client), Batcher(client)
+        one_by_one.batched = False
+        every = client.register_script("return {KEYS, ARGV}")
+        tail = Packed(("user", 3, "é"))
+        for batcher in (batched, one_by_one):
+            got = await batcher.script(every, ["kernel"], ["id", 1.5], shared=("owner",), tail=tail)
+            assert got == [["owner", "kernel"], ["id", "1.5", "user", "3", "é"]]
+            assert await batcher.script(every, ["k"], [], tail=tail) == [["k"], ["user", "3", "é"]]
     finally:
         await client.aclose()
 

@@ -14,6 +14,7 @@ from kernelfleet.kernelspecs.spec import KernelSpec
 from scheduler import keys
 from scheduler.admission import Admission, Queued
 from scheduler.errors import PoolFull, QuotaExceeded
+from scheduler.leases import LIVE_STATES
 from scheduler.pools import to_milli
 from scheduler.service import Scheduler
 
@@ -81,8 +82,10 @@ async def check_consistent(scheduler: Scheduler) -> tuple[list, int]:
         assert len(devices) == len(set(devices)) == int(used.get("gpus", 0)) <= pool.gpus
         free = {int(d) for d in await redis.smembers(keys.pool_gpus_free(name))}
         assert free.isdisjoint(devices) and free | set(devices) == set(range(pool.gpus))
-        states = await redis.hgetall(keys.pool_states(name))
-        assert sum(int(v) for v in states.values()) == len(mine)
+        by_state = Counter(x.state for x in mine)
+        assert {s: int(used.get(s, 0)) for s in LIVE_STATES} == {
+            s: by_state[s] for s in LIVE_STATES
+        }
     waiting = {
         pool: [e.kernel_id for e in await scheduler.queue.waiting(pool)] for pool in scheduler.pools
     }
