@@ -19,6 +19,7 @@ from .config import PlatformConfig, load_config
 from .errors import StartupError
 from .kernelspecs.render import InvalidKernelspecs, build_local, check_kernelspecs
 from .processes import Component, Supervisor, check_ports_free, http_ok, log_tail
+from .redis_settings import TUNING
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 READY_LINE = "kernelfleet is up"
@@ -69,6 +70,7 @@ def _redis(config: PlatformConfig, binary: str) -> Component:
         "no",
         "--protected-mode",
         "yes",
+        *TUNING,
     ]
     import redis  # the main venv has redis-py; a PING is the readiness check
 

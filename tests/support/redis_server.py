@@ -20,6 +20,7 @@ from pathlib import Path
 
 import redis
 
+from kernelfleet.redis_settings import TUNING
 from tests.support.ports import free_port
 
 SYSTEM_REDIS = Path("/usr/bin/redis-server")
@@ -63,7 +64,7 @@ class RedisServer:
         return self.folder / "redis.log"
 
     def _argv(self) -> list[str]:
-        argv = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1"]
+        argv = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", *TUNING]
         argv += ["--dir", str(self.folder), "--logfile", str(self.log_file)]
         if self.persist:
             return argv + ["--appendonly", "yes"]

@@ -351,6 +351,15 @@ def test_scheduler_arguments_are_ones_it_accepts() -> None:
     assert args.redis_url.startswith("redis://redis-0.redis.kernelfleet.svc")
 
 
+def test_redis_runs_with_the_settings_kernelfleet_up_uses() -> None:
+    from kernelfleet.redis_settings import TUNING
+
+    redis = named(rendered("gpu"), "StatefulSet", "redis")["spec"]["template"]["spec"]
+    command = redis["containers"][0]["command"]
+    pairs = dict(zip(command[1::2], command[2::2], strict=False))
+    assert {name: pairs.get(name) for name in TUNING[::2]} == dict(zip(TUNING[::2], TUNING[1::2]))
+
+
 def test_gateway_config_sets_only_known_traits(tmp_path: Path) -> None:
     python = REPO / ".venv-gateway" / "bin" / "python"
     if not python.exists():
