@@ -79,8 +79,10 @@ _NUMBERS = """
 -- `v + 0`, not tonumber(v): Lua 5.1's tonumber parses a string twice (a tenth of a
 -- decision's work in Redis was number parsing). Stored counters are numbers or absent.
 local function num(v) if v then return v + 0 end return 0 end
--- '%d' and '%.3f': Redis rejects '-0' and exponent notation as integers
-local function int(v) return string.format('%d', math.floor(v + 0.5)) end
+-- '%d' and '%.3f': Redis rejects '-0' and exponent notation as integers. int() takes
+-- whole numbers (the counters are sums of them; a fraction, e.g. GPU-seconds in a message,
+-- is cut off).
+local function int(v) return string.format('%d', v) end
 local function ts(v) return string.format('%.3f', v) end
 """
 
