@@ -185,13 +185,14 @@ class Admitter:
         quota and never queues (see :mod:`scheduler.warm`).
         """
         spec, pool, args = self._prepared(kernelspec, user, groups, admin, warm)
-        now = round(self._clock(), 3)
+        at = f"{self._clock():.3f}"  # the script stores this text; milliseconds, as Python's
+        now = float(at)
         wait = 0.0 if warm else min(max(wait_s, 0.0), self.max_wait_s)
-        deadline = round(now + wait, 3) if wait > 0 else 0.0
+        deadline = float(f"{now + wait:.3f}") if wait > 0 else 0.0
         with unavailable_as(self._location):
             reply = await self._batcher.script(
                 self._script, keys.ScriptKeys.kernel_part(kernel_id),
-                (kernel_id, repr(now), repr(deadline)),
+                (kernel_id, at, repr(deadline) if deadline else "0"),
                 shared=keys.ScriptKeys.owner_part(user, pool.name), tail=args,
             )  # fmt: skip
         kind = reply[0]

@@ -66,14 +66,14 @@ def pack(args: Sequence[Arg]) -> bytes:
 
 
 @lru_cache(maxsize=4096)
-def _packed_head(sha: str, key_count: int, shared: tuple[str, ...]) -> tuple[int, bytes]:
-    """``EVALSHA sha key_count *shared`` packed, without the argument count that starts a
-    command (the caller adds it for the whole command); and how many arguments it holds.
+def _packed_head(sha: str, key_count: int, shared: tuple[str, ...], total: int) -> bytes:
+    """``EVALSHA sha key_count *shared`` packed, as the start of a command of ``total``
+    arguments (its count first).
 
     Packing ~30 arguments was a tenth of the scheduler's CPU per admission; the ~20 keys of
     an owner are the same every time.
     """
-    return 3 + len(shared), _arguments(pack(("EVALSHA", sha, key_count, *shared)))
+    return b"*%d\r\n" % total + _arguments(pack(("EVALSHA", sha, key_count, *shared)))
 
 
 def _arguments(packed: bytes) -> bytes:
@@ -252,13 +252,17 @@ class Batcher:
             return await script(keys=[*shared, *keys],  # type: ignore[arg-type]
                                 args=[*args, *tail.args])  # fmt: skip
         if shared:
-            count, head = _packed_head(script.sha, len(shared) + len(keys), shared)
-            total = b"*%d\r\n" % (count + len(keys) + len(args) + len(tail.args))
-            packed = b"".join((total, head, _arguments(pack((*keys, *args))), tail.data))
+            own = len(keys) + len(args)
+            head = _packed_head(script.sha, len(shared) + len(keys), shared,
+                                3 + len(shared) + own + len(tail.args))  # fmt: skip
+            packed = b"".join((head, _arguments(pack((*keys, *args))), tail.data))
         else:
             packed = pack(("EVALSHA", script.sha, len(keys), *keys, *args, *tail.args))
+        link = self._link  # _call, inline: one coroutine less on every decision
+        if link is None or link.closed or link.loop is not asyncio.get_running_loop():
+            link = await self._connected()
         try:
-            return await self._call(packed)
+            return await link.call(packed)
         except redis_errors.NoScriptError:
             source = script.script
             text = bytes(source) if isinstance(source, memoryview) else source

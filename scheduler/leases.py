@@ -168,8 +168,8 @@ class LeaseStore:
                         return None
                     owner = user, pool
                 user, pool = owner
-                now = round(self._clock(), 3)
-                args: list[Arg] = [kernel_id, user, pool, repr(now), reason, GPU_WINDOW_S]
+                args: list[Arg] = [kernel_id, user, pool, f"{self._clock():.3f}", reason,
+                                   GPU_WINDOW_S]  # fmt: skip
                 reply = await self._batcher.script(
                     self._release, keys.ScriptKeys.kernel_part(kernel_id), args,
                     shared=keys.ScriptKeys.owner_part(user, pool),

@@ -28,10 +28,15 @@ reports the same shared state.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from bisect import bisect_left
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from .errors import RedisUnavailable
 
@@ -47,6 +52,47 @@ WAIT_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300)
 __all__ = ["CONTENT_TYPE", "SchedulerMetrics"]
 
 
+ADMISSION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+class AdmissionCounts(Collector):
+    """``admissions_total{decision,reason}`` and ``admission_seconds``, counted as plain
+    numbers and turned into metrics when scraped.
+
+    Every admission updates both: prometheus_client's Counter and Histogram take a lock per
+    update (three per admission), which was ~7% of the scheduler's CPU per decision. The
+    scheduler updates these from its one event loop only; a scrape from another thread reads
+    numbers that are at worst one admission behind.
+    """
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[str, str], int] = {}
+        self.buckets = [0] * (len(ADMISSION_BUCKETS) + 1)  # the last: above the largest
+        self.seconds = 0.0
+
+    def observe(self, seconds: float) -> None:
+        """One admission took ``seconds`` to decide."""
+        self.buckets[bisect_left(ADMISSION_BUCKETS, seconds)] += 1
+        self.seconds += seconds
+
+    def collect(self) -> Iterator[Metric]:
+        """The two metrics, as Prometheus scrapes them."""
+        decisions = CounterMetricFamily(f"{NAMESPACE}_admissions", "Admission decisions.",
+                                        labels=["decision", "reason"])  # fmt: skip
+        for (decision, reason), count in sorted(self.counts.items()):
+            decisions.add_metric([decision, reason], count)
+        yield decisions
+        cumulative, total = [], 0
+        for bound, count in zip((*ADMISSION_BUCKETS, float("inf")), self.buckets, strict=True):
+            total += count
+            cumulative.append((floatToGoString(bound), total))
+        yield HistogramMetricFamily(
+            f"{NAMESPACE}_admission_seconds",
+            "Time to decide an admission, Redis round trip included.",
+            buckets=cumulative, sum_value=self.seconds,
+        )  # fmt: skip
+
+
 class SchedulerMetrics:
     """The scheduler's metrics; each instance has its own registry (tests, apps)."""
 
@@ -56,14 +102,8 @@ class SchedulerMetrics:
         def labelled(kind: type, name: str, doc: str, labels: list[str], **extra: object):
             return kind(name, doc, labels, namespace=NAMESPACE, registry=self.registry, **extra)
 
-        self.admissions = labelled(Counter, "admissions", "Admission decisions.",
-                                   ["decision", "reason"])  # fmt: skip
-        self._admission_counters: dict[tuple[str, str], Any] = {}
-        self.admission_seconds = Histogram(
-            "admission_seconds", "Time to decide an admission, Redis round trip included.",
-            namespace=NAMESPACE, registry=self.registry,
-            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
-        )  # fmt: skip
+        self.decisions = AdmissionCounts()  # admissions_total and admission_seconds
+        self.registry.register(self.decisions)
         self.queue_length = labelled(Gauge, "queue_length", "Requests waiting per pool.",
                                      ["pool"])  # fmt: skip
         self.queue_wait = labelled(
@@ -101,11 +141,9 @@ class SchedulerMetrics:
 
     def admission(self, decision: str, reason: str) -> None:
         """Count one admission decision."""
-        counter = self._admission_counters.get((decision, reason))
-        if counter is None:  # labels() is a lookup under a lock: once per kind
-            counter = self.admissions.labels(decision=decision, reason=reason)
-            self._admission_counters[decision, reason] = counter
-        counter.inc()
+        counts = self.decisions.counts
+        key = (decision, reason)
+        counts[key] = counts.get(key, 0) + 1
 
     def waited(self, pool: str, outcome: str, seconds: float) -> None:
         """Record how long a request waited in ``pool``'s queue before ``outcome``."""

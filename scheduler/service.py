@@ -199,7 +199,7 @@ class Scheduler:
                      e.log_message)  # fmt: skip
             raise
         finally:
-            self.metrics.admission_seconds.observe(time.perf_counter() - start)
+            self.metrics.decisions.observe(time.perf_counter() - start)
         if isinstance(decision, Queued):
             self.metrics.admission("queued", "pool_full")
         else:
