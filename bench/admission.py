@@ -11,10 +11,15 @@ Two ways in, same workload:
 Workload: ``c`` workers loop; each first releases the lease it holds (if any), then asks to
 admit a new kernel (fresh id) for a random one of the platform's users (200): python-cpu, or
 for ml members every other time python-gpu. Pools are small enough that quotas and capacity
-refuse many requests at 50 and 500 concurrent. Each level first runs half its workload
-unmeasured and empties Redis (a warm-up, see :func:`_warm_up`). An admission's latency is
-measured around ``admit`` only; ``per_s`` counts decisions (admitted or refused) per second
-of wall time, releases included in that time. Releases are timed too (``release_p50_ms``,
+refuse many requests at 50 and 500 concurrent. In-process, each level's workers first make
+half as many decisions unmeasured (a warm-up), then the measured ones, without stopping: the
+measured window starts in the steady state, ``c`` requests in flight, and finds Redis grown
+as a running scheduler's is (a fresh redis-server took about twice as long over its first
+thousands of decisions). The warm-up starts with every worker's first request sent in the
+same loop pass, the last answered after all of them: those first ``c`` latencies are
+reported apart (``opening_p50_ms``, ``opening_max_ms``). An admission's latency is measured
+around ``admit`` only; ``per_s`` counts decisions (admitted or refused) per second of the
+measured window, releases included in that time. Releases are timed too (``release_p50_ms``,
 ``release_p99_ms``): in this closed loop each worker's cycle is its release plus its
 admission, so ``concurrency / per_s`` is their sum and work taken out of one moves waiting
 to the other.
@@ -37,6 +42,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 from kernelfleet.config import PlatformConfig, Quota
@@ -65,87 +71,122 @@ Release = Callable[[str], Awaitable[None]]
 
 @dataclass
 class Ledger:
-    """What the clients hold, by pool and by user, and every limit it ever exceeded."""
+    """What the clients hold, by pool and by user, and every limit it ever exceeded.
+
+    While the workers run it only notes what happened, in order (an append: the checks
+    would otherwise take CPU from the scheduler they measure, in this same process);
+    :meth:`check` replays it afterwards.
+    """
 
     scheduler: Scheduler
     platform: PlatformConfig
-    pool_cpus_milli: Counter[str] = field(default_factory=Counter)
-    pool_gpus: Counter[str] = field(default_factory=Counter)
-    user_kernels: Counter[str] = field(default_factory=Counter)
-    user_gpus: Counter[str] = field(default_factory=Counter)
-    violations: list[str] = field(default_factory=list)
-    quotas: dict[str, Quota] = field(default_factory=dict)
+    # (+1 admitted / -1 releasing, pool, user, cpus_milli, gpus): only strings and numbers,
+    # which the garbage collector stops tracking (leases kept here made its passes long)
+    events: list[tuple[int, str, str, int, int]] = field(default_factory=list)
 
     def admitted(self, lease: Lease) -> None:
-        """Count ``lease`` as held and check the limits it is under."""
-        pool = self.scheduler.pools[lease.pool]
-        self.pool_cpus_milli[lease.pool] += to_milli(lease.cpus)
-        self.pool_gpus[lease.pool] += lease.gpus
-        self.user_kernels[lease.user] += 1
-        self.user_gpus[lease.user] += lease.gpus
-        quota = self.quotas.get(lease.user)
-        if quota is None:  # once per user: the harness's CPU is taken from the measured loop
-            groups = self.platform.users[lease.user].groups
-            quota = self.quotas[lease.user] = effective_quota(self.platform.quotas, lease.user,
-                                                              groups)  # fmt: skip
-        if self.pool_cpus_milli[lease.pool] > pool.cpus_milli:
-            self.violations.append(f"pool {lease.pool} CPUs over capacity")
-        if self.pool_gpus[lease.pool] > pool.gpus:
-            self.violations.append(f"pool {lease.pool} GPUs over capacity")
-        if quota.kernels is not None and self.user_kernels[lease.user] > quota.kernels:
-            self.violations.append(f"user {lease.user} over kernel quota")
-        if quota.gpus is not None and self.user_gpus[lease.user] > quota.gpus:
-            self.violations.append(f"user {lease.user} over GPU quota")
+        """``lease`` was answered: held from now on."""
+        self.events.append((1, lease.pool, lease.user, to_milli(lease.cpus), lease.gpus))
 
     def releasing(self, lease: Lease) -> None:
         """``lease`` is about to be released: no longer counted."""
-        self.pool_cpus_milli[lease.pool] -= to_milli(lease.cpus)
-        self.pool_gpus[lease.pool] -= lease.gpus
-        self.user_kernels[lease.user] -= 1
-        self.user_gpus[lease.user] -= lease.gpus
+        self.events.append((-1, lease.pool, lease.user, to_milli(lease.cpus), lease.gpus))
+
+    def check(self) -> list[str]:
+        """Every limit the held leases exceeded at some point, in the order it happened."""
+        pool_cpus_milli: Counter[str] = Counter()
+        pool_gpus: Counter[str] = Counter()
+        user_kernels: Counter[str] = Counter()
+        user_gpus: Counter[str] = Counter()
+        quotas: dict[str, Quota] = {}
+        violations = []
+        for sign, name, user, cpus_milli, gpus in self.events:
+            pool_cpus_milli[name] += sign * cpus_milli
+            pool_gpus[name] += sign * gpus
+            user_kernels[user] += sign
+            user_gpus[user] += sign * gpus
+            if sign < 0:
+                continue
+            pool = self.scheduler.pools[name]
+            quota = quotas.get(user)
+            if quota is None:
+                groups = self.platform.users[user].groups
+                quota = quotas[user] = effective_quota(self.platform.quotas, user, groups)
+            if pool_cpus_milli[name] > pool.cpus_milli:
+                violations.append(f"pool {name} CPUs over capacity")
+            if pool_gpus[name] > pool.gpus:
+                violations.append(f"pool {name} GPUs over capacity")
+            if quota.kernels is not None and user_kernels[user] > quota.kernels:
+                violations.append(f"user {user} over kernel quota")
+            if quota.gpus is not None and user_gpus[user] > quota.gpus:
+                violations.append(f"user {user} over GPU quota")
+        return violations
 
 
 @dataclass
 class Tally:
-    """Latencies and outcomes of one run."""
+    """Latencies and outcomes of one run: ``warmup`` decisions unmeasured, then the rest.
+
+    ``window_began`` is called once, by the worker that claims the first measured decision.
+    """
 
     remaining: int
+    warmup: int = 0
+    window_began: Callable[[], None] = lambda: None
+    claimed: int = 0
     samples: list[float] = field(default_factory=list)
     releases: list[float] = field(default_factory=list)
     outcomes: Counter[str] = field(default_factory=Counter)
+    opening: list[float] = field(default_factory=list)  # the first decisions, sent at once
 
-    def take(self) -> bool:
-        """Claim one more decision to make; False when all are claimed."""
+    def take(self) -> int | None:
+        """Claim one more decision to make: its number (0 first); None when all are claimed."""
         if self.remaining <= 0:
-            return False
+            return None
         self.remaining -= 1
-        return True
+        claimed = self.claimed
+        self.claimed += 1
+        if claimed == self.warmup:
+            self.window_began()
+        return claimed
 
 
-async def _worker(seed: int, decide: Decide, release: Release, ledger: Ledger,
-                  tally: Tally) -> None:  # fmt: skip
+@lru_cache(maxsize=4)
+def _people(users: int) -> tuple[tuple[str, list[str]], ...]:
+    """Every simulated user's name and groups (made once, not per request)."""
+    return tuple((user_name(i), user_groups(i)) for i in range(users))
+
+
+async def _worker(seed: int, decide: Decide, release: Release, ledger: Ledger, tally: Tally,
+                  concurrency: int) -> None:  # fmt: skip
     rng = random.Random(seed)
-    users = len(ledger.platform.users)
+    people = _people(len(ledger.platform.users))
     held: Lease | None = None
+    clock, warmup = time.perf_counter, tally.warmup
     # Kernel ids shaped like EG's (36 characters), unique: a uuid4 prefix of this worker's,
     # then a counter (uuid4() per request was ~6 us of this process's CPU per decision).
     prefix, made = str(uuid.uuid4())[:24], 0
     try:
-        while tally.take():
+        while (n := tally.take()) is not None:
             if held is not None:
                 ledger.releasing(held)
-                began = time.perf_counter()
+                began = clock()
                 await release(held.kernel_id)
-                tally.releases.append(time.perf_counter() - began)
+                if n >= warmup:
+                    tally.releases.append(clock() - began)
                 held = None
-            i = rng.randrange(users)
+            i = rng.randrange(len(people))
             spec = "python-gpu" if i % 2 and rng.random() < 0.5 else "python-cpu"
             made += 1
-            began = time.perf_counter()
-            outcome, lease = await decide(f"{prefix}{made:012x}", user_name(i), user_groups(i),
-                                          spec)  # fmt: skip
-            tally.samples.append(time.perf_counter() - began)
-            tally.outcomes[outcome] += 1
+            user, groups = people[i]
+            began = clock()
+            outcome, lease = await decide(f"{prefix}{made:012x}", user, groups, spec)
+            took = clock() - began
+            if n >= warmup:
+                tally.samples.append(took)
+                tally.outcomes[outcome] += 1
+            elif n < concurrency:
+                tally.opening.append(took)
             if lease is not None:
                 ledger.admitted(lease)
                 held = lease
@@ -176,25 +217,42 @@ def in_process(scheduler: Scheduler) -> tuple[Decide, Release]:
 
 async def measure(
     scheduler: Scheduler, platform: PlatformConfig, decide: Decide, release: Release, *,
-    concurrency: int, decisions: int, server_pid: int | None = None,
+    concurrency: int, decisions: int, warmup: int = 0, server_pid: int | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Run the workload once; its latency summary, outcomes, over-commits and CPU use
-    (``server_pid``: the scheduler process answering over HTTP, to count its CPU too)."""
-    ledger, tally = Ledger(scheduler, platform), Tally(decisions)
-    cpu = await _cpu(scheduler, server_pid)
-    began = time.perf_counter()
-    await asyncio.gather(*(_worker(seed, decide, release, ledger, tally)
+    (``server_pid``: the scheduler process answering over HTTP, to count its CPU too).
+
+    The same ``concurrency`` workers first make ``warmup`` decisions, unmeasured, then the
+    ``decisions`` measured, without a pause between: the measured window starts with
+    ``concurrency`` requests in flight, as it goes on, not with all of them sent in one loop
+    pass (how the warm-up starts; its first ``concurrency`` latencies are ``opening_*``).
+    """
+    ledger = Ledger(scheduler, platform)
+    start: dict[str, Any] = {}
+
+    def window_began() -> None:  # clocks read at once; Redis' over its own connection
+        start.update(at=time.perf_counter(), clocks=_local_clocks(server_pid),
+                     redis=asyncio.ensure_future(_redis_cpu_s(scheduler)))  # fmt: skip
+
+    tally = Tally(warmup + decisions, warmup=warmup, window_began=window_began)
+    await asyncio.gather(*(_worker(seed, decide, release, ledger, tally, concurrency)
                            for seed in range(concurrency)))  # fmt: skip
-    wall = time.perf_counter() - began
-    spent = _cpu_spent(cpu, await _cpu(scheduler, server_pid), decisions)
+    wall = time.perf_counter() - start["at"]
+    began = _CpuClocks(redis_s=await start["redis"], **start["clocks"])
+    ended = _CpuClocks(redis_s=await _redis_cpu_s(scheduler), **_local_clocks(server_pid))
+    spent = _cpu_spent(began, ended, decisions)
     problems = await over_commits(scheduler, platform)
+    violations = ledger.check()
     result: dict[str, Any] = summarize(tally.samples, wall_s=wall)
     result.update(spent)
     releases = summarize(tally.releases)
     result.update(release_p50_ms=releases.get("p50_ms"), release_p99_ms=releases.get("p99_ms"))
-    result.update(concurrency=concurrency, outcomes=dict(tally.outcomes),
-                  over_commits=len(ledger.violations) + len(problems),
-                  problems=(ledger.violations + problems)[:10])  # fmt: skip
+    if tally.opening:
+        opening = summarize(tally.opening)
+        result.update(opening_p50_ms=opening.get("p50_ms"), opening_max_ms=opening.get("max_ms"))
+    result.update(concurrency=concurrency, warmup=warmup, outcomes=dict(tally.outcomes),
+                  over_commits=len(violations) + len(problems),
+                  problems=(violations + problems)[:10])  # fmt: skip
     return result
 
 
@@ -218,18 +276,18 @@ def _process_cpu_s(pid: int | None) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def _cpu(scheduler: Scheduler, server_pid: int | None = None) -> _CpuClocks:
+async def _redis_cpu_s(scheduler: Scheduler) -> float:
+    """CPU seconds of Redis' main thread (where commands and scripts run) so far."""
     info = await scheduler.redis.info("cpu")
     if "used_cpu_user_main_thread" in info:
-        redis_s = info["used_cpu_user_main_thread"] + info["used_cpu_sys_main_thread"]
-    else:
-        redis_s = info.get("used_cpu_user", 0.0) + info.get("used_cpu_sys", 0.0)
-    return _CpuClocks(
-        redis_s=redis_s,
-        process_s=time.process_time(),
-        server_s=_process_cpu_s(server_pid),
-        machine=cpu_ticks(),
-    )
+        return float(info["used_cpu_user_main_thread"] + info["used_cpu_sys_main_thread"])
+    return float(info.get("used_cpu_user", 0.0) + info.get("used_cpu_sys", 0.0))
+
+
+def _local_clocks(server_pid: int | None = None) -> dict[str, Any]:
+    """This process' CPU seconds, the HTTP scheduler's, and the machine's ticks, now."""
+    return {"process_s": time.process_time(), "server_s": _process_cpu_s(server_pid),
+            "machine": cpu_ticks()}  # fmt: skip
 
 
 def _cpu_spent(before: _CpuClocks, after: _CpuClocks, decisions: int) -> dict[str, Any]:
@@ -263,18 +321,6 @@ def _frozen_heap() -> Iterator[None]:
         gc.unfreeze()
 
 
-async def _warm_up(
-    server: RedisServer, scheduler: Scheduler, platform: PlatformConfig, decide: Decide,
-    release: Release, level: int, decisions: int,
-) -> None:  # fmt: skip
-    """Run half the workload unmeasured, then empty Redis: the measured run finds Redis and
-    this process as a long-running scheduler does (a fresh redis-server spends the first
-    thousands of decisions growing its memory: about twice the latency in those)."""
-    await measure(scheduler, platform, decide, release, concurrency=level,
-                  decisions=decisions // 2)  # fmt: skip
-    server.flush()
-
-
 async def run(ctx: Context, results: dict[str, Any]) -> None:
     """Admission at 1, 50 and 500 concurrent, in-process and over HTTP."""
     plan = QUICK_DECISIONS if ctx.quick else DECISIONS
@@ -288,10 +334,10 @@ async def run(ctx: Context, results: dict[str, Any]) -> None:
             async with scheduler_on(server.url, platform) as scheduler:
                 decide, release = in_process(scheduler)
                 decisions = plan["inprocess"][level]
-                await _warm_up(server, scheduler, platform, decide, release, level, decisions)
                 with _frozen_heap(), ctx.undisturbed():
                     found = await measure(scheduler, platform, decide, release,
-                                          concurrency=level, decisions=decisions)  # fmt: skip
+                                          concurrency=level, decisions=decisions,
+                                          warmup=decisions // 2)  # fmt: skip
                 results["inprocess"][str(level)] = found
                 progress(f"admission in-process at {level}: p50 {found.get('p50_ms')} ms, "
                          f"p99 {found.get('p99_ms')} ms, {found.get('per_s')}/s, "
