@@ -356,8 +356,9 @@ def test_redis_runs_with_the_settings_kernelfleet_up_uses() -> None:
 
     redis = named(rendered("gpu"), "StatefulSet", "redis")["spec"]["template"]["spec"]
     command = redis["containers"][0]["command"]
-    pairs = dict(zip(command[1::2], command[2::2], strict=False))
-    assert {name: pairs.get(name) for name in TUNING[::2]} == dict(zip(TUNING[::2], TUNING[1::2]))
+    pairs = dict(zip(command[1::2], command[2::2], strict=False))  # --name value ...
+    wanted = dict(zip(TUNING[::2], TUNING[1::2], strict=True))
+    assert {name: pairs.get(name) for name in wanted} == wanted
 
 
 def test_gateway_config_sets_only_known_traits(tmp_path: Path) -> None:
