@@ -1,9 +1,10 @@
 """The scheduler's Redis Lua scripts: every decision that touches several keys is one of these.
 
-Each script starts with the same prelude: ``K``, the keys of one kernel by name (bound from
-``KEYS`` by :meth:`scheduler.keys.ScriptKeys.lua_bindings`, so Python and Lua agree on
-positions), and a few shared functions. Decisions that need the clock get ``now`` from
-Python (the scheduler's injectable clock); no script reads Redis' own time.
+Each script starts with ``K``, the keys of one kernel by name (bound from ``KEYS`` by
+:meth:`scheduler.keys.ScriptKeys.lua_bindings`, so Python and Lua agree on positions), then
+the pieces of shared Lua it uses (numbers, usage, quota, pool, queue). Decisions that need
+the clock get ``now`` from Python (the scheduler's injectable clock); no script reads
+Redis' own time.
 
 Admission arguments are positional (no JSON to decode on every request): ``ARGV[1..3]`` are
 ``kernel_id``, ``now`` and ``deadline`` (0: do not queue); ``ARGV[4..]`` are
