@@ -252,9 +252,8 @@ class Batcher:
             return await script(keys=[*shared, *keys],  # type: ignore[arg-type]
                                 args=[*args, *tail.args])  # fmt: skip
         if shared:
-            own = len(keys) + len(args)
-            head = _packed_head(script.sha, len(shared) + len(keys), shared,
-                                3 + len(shared) + own + len(tail.args))  # fmt: skip
+            total = 3 + len(shared) + len(keys) + len(args) + len(tail.args)
+            head = _packed_head(script.sha, len(shared) + len(keys), shared, total)
             packed = b"".join((head, _arguments(pack((*keys, *args))), tail.data))
         else:
             packed = pack(("EVALSHA", script.sha, len(keys), *keys, *args, *tail.args))

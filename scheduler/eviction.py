@@ -278,11 +278,19 @@ class Evictor:
     async def _greet(self, leases: list[Lease]) -> None:
         """Hand each user's note to their first kernel started after the eviction."""
         notes = await self.store.notes()
+        if not notes:
+            return
+        newest: dict[str, Lease] = {}  # one pass over the leases, not one per note
+        for lease in leases:
+            if lease.user in notes:
+                known = newest.get(lease.user)
+                if known is None or lease.created > known.created:
+                    newest[lease.user] = lease
         for user, (note, at) in notes.items():
-            newer = [lease for lease in leases if lease.user == user and lease.created > at]
-            if not newer:
+            lease = newest.get(user)
+            if lease is None or lease.created <= at:
                 continue
-            kernel_id = max(newer, key=lambda lease: lease.created).kernel_id
+            kernel_id = lease.kernel_id
             if not await self.store.take_note(user):
                 continue
             try:

@@ -3,8 +3,10 @@
 A lease is the hash ``kf:lease:{kernel_id}`` (see :mod:`scheduler.keys`) with the fields
 kernel_id, user, kernelspec, pool, cpus, cpus_milli, memory, gpus, gpu_devices (comma
 separated device indexes), state, created, last_activity, connections, waited (seconds it
-queued) and gpu_seconds_limit (the owner's GPU-hour quota when admitted, -1 unlimited).
-It is indexed in ``kf:leases`` (scored by created time), the owner's and the pool's lease
+queued) and gpu_seconds_limit (the owner's GPU-hour quota when admitted, -1 unlimited);
+a field at its default (no GPU devices, waited 0, last activity = created, 0 connections)
+is not written, and :meth:`Lease.from_redis` fills it in. It is indexed in ``kf:leases``
+(scored by created time, whole seconds), the owner's and the pool's lease
 sets. Admission creates it (:mod:`scheduler.admission`), activity reports move its state
 (:mod:`scheduler.activity`), and release below deletes it, gives back the counters and GPU
 devices, accounts its GPU time and keeps a ``stopped`` copy for a while - one Lua script
