@@ -85,6 +85,15 @@ def _configure_state(c: Any, state: Path) -> None:
     c.JupyterHub.cleanup_servers = True
 
 
+#: Seconds the hub keeps an idle connection for its next request (aiohttp's default: 15).
+#: configurable-http-proxy's API server (node) closes an idle keep-alive connection after 5 s;
+#: a route sent on a connection the proxy had just closed failed ("Can not write request
+#: body"), and when JupyterHub's retry drew another such connection, under load, the user's
+#: spawn failed ("Failed to add ... to proxy!": 1 user in 50 in two bench runs). Below 5 s
+#: the hub never reuses a connection the proxy may have closed.
+HUB_KEEPALIVE_S = 4
+
+
 def _configure_proxy(c: Any, platform: PlatformConfig) -> None:
     state = platform.state_dir
     chp = chp_path(state)
@@ -95,6 +104,7 @@ def _configure_proxy(c: Any, platform: PlatformConfig) -> None:
         )
     c.ConfigurableHTTPProxy.command = [str(chp)]
     c.ConfigurableHTTPProxy.api_url = _url(platform.host, platform.ports.proxy_api)
+    c.JupyterHubHTTPClient.connector_options = {"keepalive_timeout": HUB_KEEPALIVE_S}
     c.ConfigurableHTTPProxy.pid_file = str(state / "jupyterhub-proxy.pid")
     if not os.environ.get("CONFIGPROXY_AUTH_TOKEN"):
         # Kept in a file so a restarted hub (or an operator) can talk to the same proxy.

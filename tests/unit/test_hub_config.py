@@ -82,6 +82,15 @@ def test_proxy_uses_the_state_dir_binary_and_a_persistent_token(tmp_path) -> Non
     assert configured(platform).ConfigurableHTTPProxy.auth_token == proxy.auth_token
 
 
+def test_the_hub_drops_idle_connections_before_the_proxy_api_does(tmp_path) -> None:
+    # configurable-http-proxy's API server is node's http.createServer: 5 s keep-alive
+    installed = Path(__file__).resolve().parents[2] / ".kernelfleet" / "node" / "node_modules"
+    source = (installed / "configurable-http-proxy" / "lib" / "configproxy.js").read_text()
+    assert "this.apiServer = http.createServer(apiCallback)" in source  # no keep-alive option
+    options = configured(make_platform(tmp_path)).JupyterHubHTTPClient.connector_options
+    assert 0 < options["keepalive_timeout"] < 5
+
+
 def test_proxy_token_from_env_wins(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("CONFIGPROXY_AUTH_TOKEN", "from-the-launcher")
     platform = make_platform(tmp_path)
