@@ -138,33 +138,24 @@ local function save_profile(a)
   redis.call('HSET', K.user_usage, 'groups', a.groups, 'admin', a.admin and '1' or '0')
 end
 
+-- The refusal when `used` plus `queued` plus `need` goes over `limit` (-1: none), else nil.
+local function over(field, used, need, limit, queued)
+  if limit >= 0 and need > 0 and used + queued + need > limit then
+    return {'quota', field, int(used), int(limit), int(queued)}
+  end
+  return nil
+end
+
 -- nil when the user, holding `held` and with `queued` requests waiting, may hold one more
--- kernel like `a`, else the refusal.
+-- kernel like `a`, else the refusal (checked in this order).
 local function check_quota(a, queued, held)
-  local used, limit = held[1], a.quota_kernels
-  if limit >= 0 and used + queued + 1 > limit then
-    return {'quota', 'kernels', int(used), int(limit), int(queued)}
-  end
-  if a.gpus > 0 then
-    used, limit = held[4], a.quota_gpus
-    if limit >= 0 and used + a.gpus > limit then
-      return {'quota', 'gpus', int(used), int(limit), '0'}
-    end
-  end
-  if a.cpus_milli > 0 then
-    used, limit = held[2], a.quota_cpus_milli
-    if limit >= 0 and used + a.cpus_milli > limit then
-      return {'quota', 'cpus_milli', int(used), int(limit), '0'}
-    end
-  end
-  if a.memory > 0 then
-    used, limit = held[3], a.quota_memory
-    if limit >= 0 and used + a.memory > limit then
-      return {'quota', 'memory', int(used), int(limit), '0'}
-    end
-  end
+  local refusal = over('kernels', held[1], 1, a.quota_kernels, queued)
+    or over('gpus', held[4], a.gpus, a.quota_gpus, 0)
+    or over('cpus_milli', held[2], a.cpus_milli, a.quota_cpus_milli, 0)
+    or over('memory', held[3], a.memory, a.quota_memory, 0)
+  if refusal then return refusal end
   if a.gpus > 0 and a.quota_gpu_seconds >= 0 then
-    used = gpu_seconds(a.now, a.window)
+    local used = gpu_seconds(a.now, a.window)
     if used >= a.quota_gpu_seconds then
       return {'quota', 'gpu_seconds', int(used), int(a.quota_gpu_seconds), '0'}
     end
