@@ -1,7 +1,8 @@
 """Wiring of the ``gateway.client`` jupyter-server extension into a ``ServerApp``.
 
 Link phase (before the server creates its managers): install `HubGatewayClient`, the
-`GatewayChannelsConnection` websocket proxy and the log filter that hides tokens.
+`GatewayChannelsConnection` websocket proxy, `KernelfleetGatewayKernelManager` and the log
+filter that hides tokens.
 Load phase (the web app exists): register the kernels/sessions/kernelspecs/status API
 routes that report gateway errors verbatim. Without a gateway URL only the log filter is
 installed: kernels are local and the stock classes are right.
@@ -17,6 +18,7 @@ from jupyter_server.gateway.gateway_client import GatewayClient
 from .auth import install_gateway_client
 from .channels import GatewayChannelsConnection
 from .errors import gateway_error_handlers
+from .managers import KernelfleetGatewayKernelManager
 from .redact import install_redaction, secrets_in
 
 
@@ -34,6 +36,10 @@ def link_extension(serverapp: Any) -> None:
         )
     else:
         serverapp.kernel_websocket_connection_class = GatewayChannelsConnection
+    mapping = serverapp.config.GatewayMappingKernelManager
+    if "kernel_manager_class" not in mapping:  # a configured class wins
+        cls = KernelfleetGatewayKernelManager
+        mapping.kernel_manager_class = f"{cls.__module__}.{cls.__qualname__}"
     serverapp.log.info(
         "gateway.client: kernels via %s (auth %s)",
         client.url,
