@@ -85,13 +85,15 @@ def _configure_state(c: Any, state: Path) -> None:
     c.JupyterHub.cleanup_servers = True
 
 
-#: Seconds the hub keeps an idle connection for its next request (aiohttp's default: 15).
-#: configurable-http-proxy's API server (node) closes an idle keep-alive connection after 5 s;
-#: a route sent on a connection the proxy had just closed failed ("Can not write request
-#: body"), and when JupyterHub's retry drew another such connection, under load, the user's
-#: spawn failed ("Failed to add ... to proxy!": 1 user in 50 in two bench runs). Below 5 s
-#: the hub never reuses a connection the proxy may have closed.
-HUB_KEEPALIVE_S = 4
+#: The hub's own HTTP client (proxy API, user servers) opens a connection per request, as
+#: JupyterHub did before 6. With keep-alive, a request could go out on a connection that
+#: configurable-http-proxy's API server (node: ~5-6 s idle) was closing at that moment:
+#: "Can not write request body", and when JupyterHub's retry drew another such connection the
+#: user's spawn failed ("Failed to add ... to proxy!", 1 user in 50 in several bench runs at
+#: load average ~25). Keeping idle connections 4 s instead of 15 s was not enough: the hub's
+#: loop stalls for seconds under that load, so it may read a response (and start counting a
+#: connection's idle time) seconds after the proxy sent it and started its own clock.
+HUB_CONNECTOR_OPTIONS: dict[str, Any] = {"force_close": True}
 
 
 def _configure_proxy(c: Any, platform: PlatformConfig) -> None:
@@ -104,7 +106,7 @@ def _configure_proxy(c: Any, platform: PlatformConfig) -> None:
         )
     c.ConfigurableHTTPProxy.command = [str(chp)]
     c.ConfigurableHTTPProxy.api_url = _url(platform.host, platform.ports.proxy_api)
-    c.JupyterHubHTTPClient.connector_options = {"keepalive_timeout": HUB_KEEPALIVE_S}
+    c.JupyterHubHTTPClient.connector_options = dict(HUB_CONNECTOR_OPTIONS)
     c.ConfigurableHTTPProxy.pid_file = str(state / "jupyterhub-proxy.pid")
     if not os.environ.get("CONFIGPROXY_AUTH_TOKEN"):
         # Kept in a file so a restarted hub (or an operator) can talk to the same proxy.

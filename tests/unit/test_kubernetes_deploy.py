@@ -428,11 +428,11 @@ def test_hub_values_point_notebooks_at_the_gateway(tmp_path: Path) -> None:
     assert int(env["JUPYTER_GATEWAY_REQUEST_TIMEOUT"]) == config.kernel_launch_timeout + pad
 
 
-def test_hub_values_drop_idle_proxy_connections_as_the_embedded_hub_does() -> None:
-    from hub.config import HUB_KEEPALIVE_S
+def test_hub_values_open_a_connection_per_request_as_the_embedded_hub_does() -> None:
+    from hub.config import HUB_CONNECTOR_OPTIONS
 
     client = _values()["hub"]["config"]["JupyterHubHTTPClient"]
-    assert client["connector_options"] == {"keepalive_timeout": HUB_KEEPALIVE_S}
+    assert client["connector_options"] == HUB_CONNECTOR_OPTIONS
 
 
 def test_hub_values_let_notebooks_reach_only_the_gateway() -> None:
