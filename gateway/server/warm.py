@@ -145,9 +145,11 @@ class WarmPool:
         return kernel_id in self.claiming and self._manager.owner_of(kernel_id) is None
 
     def kernel_ids(self) -> list[str]:
-        """Every warm kernel, ready or starting."""
+        """Every warm kernel: ready, starting, or out for a claim (the activity reports list
+        these with the users' kernels: one missing from a report is reported dead, and the
+        scheduler would release the lease the claim just gave its user)."""
         ready = [w.kernel_id for kernels in self.ready.values() for w in kernels]
-        return ready + list(self.starting)
+        return ready + list(self.starting) + list(self.claiming)
 
     def counts(self) -> dict[str, int]:
         """Ready warm kernels per kernelspec."""

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from gateway.server.activity import DEAD, ActivityReporter, KernelActivity
 from gateway.server.identity import Identity
 from gateway.server.warm import CHECKS, WarmKernel, WarmPool, personalise_code, personalised
 
@@ -125,3 +126,28 @@ async def test_a_kernel_that_dies_while_out_for_a_claim_gives_its_lease_back(
     claim.cancel()  # the user's request went away with it
     await asyncio.gather(claim, return_exceptions=True)
     await asyncio.wait_for(manager.abandoned.wait(), 5)
+
+
+async def test_a_kernel_out_for_a_claim_is_never_reported_dead(tmp_path: Path) -> None:
+    # Found by CI: the activity flush that fell inside a claim left the kernel out, the
+    # scheduler released the lease the claim had just moved to bob ("died"), and bob's
+    # quota let him start a fourth kernel.
+    manager, pool, claim = _claimed_later(tmp_path)
+    sent: list[dict[str, object]] = []
+
+    async def send(reports: list[dict[str, object]]) -> bool:
+        sent.extend(reports)
+        return True
+
+    def snapshot() -> dict[str, KernelActivity]:  # as the gateway's kernel manager takes it
+        return {k: KernelActivity("idle", 0.0, 0) for k in [*manager.owners, *pool.kernel_ids()]}
+
+    reporter = ActivityReporter(snapshot, send)
+    await reporter.flush()
+    await manager.asked.wait()  # out for the claim: the scheduler is deciding
+    await reporter.flush()
+    manager.answer.set()
+    assert await claim == "k1"
+    await reporter.flush()
+    assert {r["kernel_id"] for r in sent} == {"k1"}
+    assert not [r for r in sent if r["execution_state"] == DEAD]
