@@ -232,6 +232,12 @@ class Scheduler:
         if entry.state == "waiting":
             return Queued(kernel_id=kernel_id, pool=entry.pool, position=entry.position,
                           deadline=entry.deadline)  # fmt: skip
+        if entry.state == "admitted":
+            # Admitted between the two reads (PROMOTE writes the lease and the entry at
+            # once): the lease is there now, unless it has been released since.
+            lease = await self.leases.get(kernel_id)
+            if lease is not None:
+                return Admission(lease=lease, env=kernel_env(lease), created=False)
         raise await self._outcome_error(entry)
 
     async def _outcome_error(self, entry: Entry) -> SchedulerError:

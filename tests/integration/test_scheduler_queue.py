@@ -192,6 +192,25 @@ async def test_withdrawing_an_admitted_request_releases_its_lease(scheduler: Sch
     )
 
 
+async def test_an_admission_from_the_queue_between_two_reads_is_an_admission(
+    scheduler: Scheduler, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Found by CI: the gateway's poll read the lease (none yet), the head was admitted, then
+    # it read the entry ("admitted") and told the user the kernel had been released since.
+    held = await fill_gpus(scheduler)
+    await admit(scheduler, "alice", kernel_id="polled")
+    read_entry = scheduler.queue.entry
+
+    async def promoted_meanwhile(kernel_id: str, **kwargs: object) -> object:
+        await scheduler.release(held[0])  # room: PROMOTE admits the head right now
+        return await read_entry(kernel_id, **kwargs)
+
+    monkeypatch.setattr(scheduler.queue, "entry", promoted_meanwhile)
+    admitted = await scheduler.admission("polled")
+    assert isinstance(admitted, Admission) and admitted.lease.kernel_id == "polled"
+    assert admitted.env == {"CUDA_VISIBLE_DEVICES": "0"}
+
+
 async def test_queue_over_http(
     scheduler: Scheduler, client: httpx.AsyncClient, clock: ManualClock
 ) -> None:
