@@ -3,7 +3,7 @@
 jupyter-server 2 gives every kernel its own ``GatewayKernelManager``, and each one, when it
 first emits a kernel event (at the end of its start), registers the ``kernel_actions``
 schema with the server's event logger again: it reads and parses the schema's YAML file,
-then finds the schema already registered and drops it. That is ~1.4 ms of the notebook
+then finds the schema already registered and drops it. That is ~1.8 ms of the notebook
 server's CPU on every kernel start (warm or cold: bench/README.md) and again on every
 shutdown's first event. `KernelfleetGatewayKernelManager` registers the schemas once per
 event logger and reuses the logger after that; events reach the same logger and listeners.
