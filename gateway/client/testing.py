@@ -178,6 +178,7 @@ def start_notebook_server(
     env: Mapping[str, str] | None = None,
     app: str = "jupyter_server",
     use_extension: bool = True,
+    args: Sequence[str] = (),
     timeout: float = 60.0,
 ) -> ServerProcess:
     """Start a notebook server (``app``: jupyter_server or jupyterlab) using the gateway.
@@ -186,7 +187,7 @@ def start_notebook_server(
     and ``JUPYTER_GATEWAY_AUTH_SCHEME=token`` in the environment, plus the
     ``gateway.client`` extension unless ``use_extension`` is False (the stock chain).
     ``token`` is the browser's login token (``JUPYTER_TOKEN``); ``env`` adds variables such
-    as ``JUPYTERHUB_API_TOKEN`` or ``KERNEL_USERNAME``.
+    as ``JUPYTERHUB_API_TOKEN`` or ``KERNEL_USERNAME``; ``args``, command-line options.
     """
     port = free_port()
     argv = [
@@ -202,6 +203,7 @@ def start_notebook_server(
     ]
     if use_extension:
         argv.append("--ServerApp.jpserver_extensions={'gateway.client': True}")
+    argv += args
     child_env = _isolated_env(workdir, env)
     child_env.update(
         JUPYTER_TOKEN=token,

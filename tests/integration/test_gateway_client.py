@@ -8,9 +8,13 @@ EG demands a token, which only the notebook server's ``JUPYTERHUB_API_TOKEN`` ma
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import os
 import secrets
+import socket
 import statistics
+import struct
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -66,8 +70,9 @@ class Stack:
 
 
 @contextmanager
-def started_stack(root: Path) -> Iterator[Stack]:
-    """EG (token required) and a notebook server with gateway.client, stopped on exit."""
+def started_stack(root: Path, *, notebook_args: tuple[str, ...] = ()) -> Iterator[Stack]:
+    """EG (token required) and a notebook server with gateway.client (started with
+    ``notebook_args``), stopped on exit."""
     jupyter_path = root / "jupyter"
     write_kernelspec(jupyter_path, KERNEL, display_name="Python (kernelfleet test)")
     write_kernelspec(
@@ -88,6 +93,7 @@ def started_stack(root: Path) -> Iterator[Stack]:
             token=login_token,
             root_dir=root / "notebooks",
             env={"JUPYTERHUB_API_TOKEN": hub_token, "KERNEL_USERNAME": USER},
+            args=notebook_args,
         )
         try:
             yield Stack(gateway, notebook, login_token, hub_token)
@@ -216,6 +222,93 @@ async def test_gateway_going_away_closes_the_browser_side(tmp_path: Path) -> Non
             await asyncio.to_thread(own.gateway.stop)
             async with asyncio.timeout(10):
                 await ws.wait_closed()
+
+
+BIG_OUTPUTS = "print('x' * (1 << 20))\nfor i in range(3000): print(i)"
+BIG_STDOUT = "x" * (1 << 20) + "\n" + "".join(f"{i}\n" for i in range(3000))
+
+
+async def slow_reader_execute(stack: Stack, kernel_id: str, session: str, code: str) -> str:
+    """Run ``code`` over a channels websocket whose reader is slow (a 4 KiB receive buffer,
+    16 KiB read every 2 ms): the server's writes stall mid-frame, as with a browser on a
+    slow network. Frames are parsed here; returns the cell's stdout."""
+    port = int(stack.notebook.url.rsplit(":", 1)[1])
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    reader, writer = await asyncio.open_connection(sock=sock, limit=4096)
+    key = base64.b64encode(os.urandom(16)).decode()
+    writer.write(
+        f"GET /api/kernels/{kernel_id}/channels?session_id={session} HTTP/1.1\r\n"
+        f"Host: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+        f"Authorization: token {stack.login_token}\r\n\r\n".encode()
+    )
+    try:
+        async with asyncio.timeout(60):
+            assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
+            content = {"code": code, "silent": False, "store_history": False,
+                       "user_expressions": {}, "allow_stdin": False}  # fmt: skip
+            request = message("execute_request", content, session=session)
+            payload, mask = json.dumps(request).encode(), os.urandom(4)
+            masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+            writer.write(struct.pack("!BBQ", 0x81, 0x80 | 127, len(payload)) + mask + masked)
+            buffer, stdout, replied, idle = b"", "", False, False
+            while not (replied and idle):
+                await asyncio.sleep(0.002)
+                buffer += await reader.read(16384)
+                while len(buffer) >= 2:
+                    opcode, length, start = buffer[0] & 0x0F, buffer[1] & 0x7F, 2
+                    assert buffer[0] & 0x80 and not buffer[1] & 0x80, "not a server frame"
+                    if length == 126:
+                        (length,), start = struct.unpack("!H", buffer[2:4]), 4
+                    elif length == 127:
+                        (length,), start = struct.unpack("!Q", buffer[2:10]), 10
+                    if len(buffer) < start + length:
+                        break
+                    frame, buffer = buffer[start : start + length], buffer[start + length :]
+                    assert opcode in (0x1, 0x9), f"unexpected frame opcode {opcode}"
+                    if opcode == 0x9:
+                        continue  # a ping (the gateway's, every 30 s)
+                    msg = json.loads(frame)  # a frame cut by an injected one fails here
+                    if msg["parent_header"].get("msg_id") != request["header"]["msg_id"]:
+                        continue
+                    kind, content = msg["msg_type"], msg["content"]
+                    stdout += content["text"] if kind == "stream" else ""
+                    replied = replied or kind == "execute_reply"
+                    idle = idle or (kind == "status" and content["execution_state"] == "idle")
+    finally:
+        writer.close()
+    return stdout
+
+
+async def test_relayed_bytes_survive_the_servers_own_pings(tmp_path: Path) -> None:
+    """Relaying bytes, the notebook server must write no frame of its own: a ping of its
+    (jupyter-server's every 30 s by default; here every 10 ms) written while a big frame is
+    half relayed to a slow browser would cut that frame and break the websocket."""
+    pings = "--ServerApp.tornado_settings={'ws_ping_interval': 10, 'websocket_ping_interval': 0.01}"
+    session = uuid.uuid4().hex
+    with started_stack(tmp_path, notebook_args=(pings,)) as own:
+        async with running_kernel(own) as kernel_id:
+            # more than the server's socket send buffer (at most 4 MiB) can hold
+            stdout = await slow_reader_execute(own, kernel_id, session, "print('x' * (6 << 20))")
+            assert stdout == "x" * (6 << 20) + "\n"
+            async with channels(own, kernel_id, session, subprotocols=[V1]) as ws:
+                assert await run_v1(ws, BIG_OUTPUTS, session, timeout=60) == BIG_STDOUT
+
+
+async def test_compressed_browser_websockets_still_work(tmp_path: Path) -> None:
+    """With websocket compression configured the browser's frames are deflated and the
+    gateway's are not: those cannot be relayed as bytes, and are not."""
+    compress = "--ServerApp.websocket_compression_options={}"
+    session = uuid.uuid4().hex
+    with started_stack(tmp_path, notebook_args=(compress,)) as own:
+        async with running_kernel(own) as kernel_id:
+            async with channels(own, kernel_id, session, compression="deflate") as ws:
+                assert "permessage-deflate" in ws.response.headers["Sec-WebSocket-Extensions"]
+                assert await run(ws, "print(6*7)", session) == "42\n"
+                assert await run(ws, BIG_OUTPUTS, session) == BIG_STDOUT
 
 
 async def gateway_refusal(stack: Stack) -> tuple[int, str]:
