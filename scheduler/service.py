@@ -224,21 +224,20 @@ class Scheduler:
 
     async def _admission_now(self, kernel_id: str) -> Admission | Queued:
         lease = await self.leases.get(kernel_id)
-        if lease is not None:
-            return Admission(lease=lease, env=kernel_env(lease), created=False)
-        entry = await self.queue.entry(kernel_id, touch=True)
-        if entry is None:
-            raise UnknownAdmission(messages.unknown_admission(kernel_id))
-        if entry.state == "waiting":
-            return Queued(kernel_id=kernel_id, pool=entry.pool, position=entry.position,
-                          deadline=entry.deadline)  # fmt: skip
-        if entry.state == "admitted":
-            # Admitted between the two reads (PROMOTE writes the lease and the entry at
-            # once): the lease is there now, unless it has been released since.
-            lease = await self.leases.get(kernel_id)
-            if lease is not None:
-                return Admission(lease=lease, env=kernel_env(lease), created=False)
-        raise await self._outcome_error(entry)
+        if lease is None:
+            entry = await self.queue.entry(kernel_id, touch=True)
+            if entry is None:
+                raise UnknownAdmission(messages.unknown_admission(kernel_id))
+            if entry.state == "waiting":
+                return Queued(kernel_id=kernel_id, pool=entry.pool, position=entry.position,
+                              deadline=entry.deadline)  # fmt: skip
+            if entry.state == "admitted":
+                # Admitted between the two reads (PROMOTE writes the lease and the entry at
+                # once): the lease is there now, unless it has been released since.
+                lease = await self.leases.get(kernel_id)
+            if lease is None:
+                raise await self._outcome_error(entry)
+        return Admission(lease=lease, env=kernel_env(lease), created=False)
 
     async def _outcome_error(self, entry: Entry) -> SchedulerError:
         """Why a request that left the queue without a lease did not get one."""

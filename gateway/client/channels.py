@@ -150,6 +150,12 @@ class GatewayChannelsConnection(BaseKernelWebsocketConnection):
         self._relay = False
 
     @property
+    def _relaying(self) -> bool:
+        """Bytes are being copied between the two sockets (this process writes no frames)."""
+        upstream = self._upstream
+        return upstream is not None and upstream.protocol is not None and upstream.protocol.relaying
+
+    @property
     def session_key(self) -> str:
         """``kernel_id:session_id``, the identity the gateway tracks a websocket by."""
         return f"{self.kernel_id}:{self.session_id}"
@@ -305,7 +311,7 @@ class GatewayChannelsConnection(BaseKernelWebsocketConnection):
         upstream = self._upstream
         if upstream is None:
             return  # still connecting; prepare() closes it as soon as it opens (_closing)
-        if upstream.protocol is not None and not upstream.protocol.relaying:
+        if not self._relaying:
             self._upstream_frames()  # so that the gateway's answer to the close is read
         upstream.close()
 
@@ -338,8 +344,7 @@ class GatewayChannelsConnection(BaseKernelWebsocketConnection):
         self._forget()
         if self._closing or not self._browser_open:
             return
-        upstream = self._upstream
-        if upstream is not None and upstream.protocol is not None and upstream.protocol.relaying:
+        if self._relaying:
             # relayed: its close frame (if any) went to the browser, which may have asked
             self.log.info("Gateway side of kernel %s closed; closing the browser side",
                           self.kernel_id)  # fmt: skip
@@ -347,7 +352,7 @@ class GatewayChannelsConnection(BaseKernelWebsocketConnection):
             self.log.warning(
                 "Gateway closed the channels of kernel %s (code %s); closing the browser side",
                 self.kernel_id,
-                upstream.close_code if upstream is not None else None,
+                self._upstream.close_code if self._upstream is not None else None,
             )
         self._close_browser()
 
@@ -369,12 +374,7 @@ class GatewayChannelsConnection(BaseKernelWebsocketConnection):
         self._closing = True
         if self._browser_open:
             self._browser_open = False
-            upstream = self._upstream
-            if (
-                upstream is not None
-                and upstream.protocol is not None
-                and upstream.protocol.relaying
-            ):
+            if self._relaying:
                 # a close frame could land inside a relayed one: close the socket (the
                 # browser sees 1006 and reconnects, as it does after 1011)
                 browser = self.websocket_handler.ws_connection
