@@ -47,12 +47,13 @@ from .ports import DistinctPortsMixin
 from .scheduler import NoScheduler, Scheduler
 from .warm import WARM_VAR, WarmPool
 from .welcome import probe_soon
+from .zmqstreams import ChannelStreamsMixin
 
 DEFAULT_LAUNCH_TIMEOUT_S = 30.0  # EG's own default (EG_KERNEL_LAUNCH_TIMEOUT)
 KERNELSPEC_CACHE_S = 1.0  # how long a kernelspec read from disk is reused
 
 
-class KernelfleetKernelManager(DistinctPortsMixin, RemoteKernelManager):
+class KernelfleetKernelManager(ChannelStreamsMixin, DistinctPortsMixin, RemoteKernelManager):
     """EG's per-kernel manager, plus ``pinned_env`` applied last on every (re)launch."""
 
     def __init__(self, **kwargs: Any) -> None:
