@@ -46,7 +46,7 @@ from tornado.websocket import WebSocketClosedError
 from traitlets import Bool, Float, Unicode
 
 from .errors import refusal_from
-from .relay import HeldConnection, connect_held, pump
+from .relay import HeldConnection, connect_held, pump, stop_pings
 from .tcp import ack_now, set_nodelay, stream_socket
 
 Message = str | bytes
@@ -224,9 +224,7 @@ class GatewayChannelsConnection(BaseKernelWebsocketConnection):
         ping_callback = getattr(handler, "ping_callback", None)
         if ping_callback is not None:
             ping_callback.stop()
-        if browser._ping_coroutine is not None:
-            browser._ping_coroutine.cancel()
-            browser._ping_coroutine = None
+        stop_pings(browser)
         assert upstream.protocol is not None
         gateway = upstream.protocol.stream
         after_read = None

@@ -50,6 +50,13 @@ async def pump(
         return
 
 
+def stop_pings(protocol: WebSocketProtocol13) -> None:
+    """Stop the pings tornado sends on ``protocol`` by itself (``ping_interval``)."""
+    if protocol._ping_coroutine is not None:
+        protocol._ping_coroutine.cancel()
+        protocol._ping_coroutine = None
+
+
 class HeldProtocol(WebSocketProtocol13):
     """The gateway side's protocol: its frame loop waits for :meth:`hand_over`."""
 
@@ -68,9 +75,7 @@ class HeldProtocol(WebSocketProtocol13):
             return
         if target is not None:
             self.relaying = True  # from now on this process writes no frame of its own
-            if self._ping_coroutine is not None:
-                self._ping_coroutine.cancel()
-                self._ping_coroutine = None
+            stop_pings(self)
         self._handover.set_result(None if target is None else (target, after_read))
 
     def close(self, code: int | None = None, reason: str | None = None) -> None:

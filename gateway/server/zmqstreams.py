@@ -50,7 +50,7 @@ class ChannelStream(ZMQStream):
             gen_log.warning("Got events for closed stream %s", self)
             return
         try:
-            ready = socket.get(_EVENTS)
+            ready: int | None = socket.get(_EVENTS)
         except zmq.ContextTerminated:
             gen_log.warning("Got events for stream %s after terminating context", self)
             return
@@ -60,6 +60,7 @@ class ChannelStream(ZMQStream):
                 try:
                     msg = socket.recv_multipart(_NOBLOCK, copy=self._recv_copy)
                 except zmq.Again:
+                    ready = None  # not what EVENTS said: ask again
                     break
                 self._run_callback(self._recv_callback, msg)
                 socket = self.socket
@@ -69,16 +70,18 @@ class ChannelStream(ZMQStream):
                 ready = socket.get(_EVENTS)
                 if handled >= DRAIN_LIMIT:
                     break
-            if ready & _POLLOUT and self.sending():
+            if ready is not None and ready & _POLLOUT and self.sending():
                 self._handle_send()
                 if not self.socket:
                     return
-            self._rebuild_io_state()
+                ready = None  # a send changes what the socket holds: ask it again
+            self._rebuild_io_state(ready)
         except Exception:
             gen_log.error("Uncaught exception in zmqstream callback", exc_info=True)
             raise
 
-    def _rebuild_io_state(self) -> None:
+    def _rebuild_io_state(self, ready: int | None = None) -> None:
+        """``ready``: the socket's EVENTS if just read with nothing done since."""
         if self.socket is None:
             return
         state = 0
@@ -87,13 +90,15 @@ class ChannelStream(ZMQStream):
         if self.sending():
             state |= _POLLOUT
         self._state = state
-        self._update_handler(state)
+        self._update_handler(state, ready)
 
-    def _update_handler(self, state: int) -> None:
+    def _update_handler(self, state: int, ready: int | None = None) -> None:
         socket = self.socket
         if socket is None:
             return
-        if int(state) & socket.get(_EVENTS):
+        if ready is None:
+            ready = socket.get(_EVENTS)
+        if int(state) & ready:
             # Edge-triggered: what is already waiting will not wake the loop again.
             self.io_loop.add_callback(lambda: self._handle_events(self.socket, 0))
 
@@ -128,14 +133,15 @@ class ChannelStream(ZMQStream):
         self._add_io_state(_POLLOUT)
 
 
+#: ChannelStream is written against pyzmq 24's ZMQStream internals (EG 3.3 pins pyzmq < 25).
+_STREAM = ChannelStream if zmq.pyzmq_version_info() < (25,) else ZMQStream
+
+
 def _channel(name: str) -> Any:
     connect = getattr(ConnectionFileMixin, f"connect_{name}")
 
     def connect_channel(self: Any, *args: Any, **kwargs: Any) -> ZMQStream:
-        socket = connect(self, *args, **kwargs)
-        if zmq.pyzmq_version_info() >= (25,):
-            return ZMQStream(socket, self.loop)  # written against pyzmq 24's internals
-        return ChannelStream(socket, self.loop)
+        return _STREAM(connect(self, *args, **kwargs), self.loop)
 
     connect_channel.__name__ = f"connect_{name}"
     connect_channel.__doc__ = f"The kernel's {name} channel as a :class:`ChannelStream`."
