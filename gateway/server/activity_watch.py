@@ -22,6 +22,7 @@ from typing import Any
 
 from jupyter_server._tz import utcnow
 
+from .iopub import shared_iopub
 from .welcome import is_welcome
 
 DELIMITER = b"<IDS|MSG>"
@@ -37,7 +38,9 @@ def execution_state_of(msg_list: list[bytes], session: Any) -> str | None:
     try:
         start = msg_list.index(DELIMITER) + 1
         signature, header, parent, metadata, content = msg_list[start : start + 5]
-        if json.loads(header).get("msg_type") != "status":
+        # most messages are not status: no JSON parse for them (a JSON encoder writes the
+        # string "status" as these bytes)
+        if b'"status"' not in header or json.loads(header).get("msg_type") != "status":
             return None
     except (ValueError, AttributeError):
         return None
@@ -58,7 +61,8 @@ class LightActivityWatchMixin:
     Sets, like the stock method: ``kernel.execution_state`` ("starting", then from status
     messages), ``kernel.reason``, ``kernel.last_activity`` and the manager's
     ``last_kernel_activity`` (on every IOPub message), and ``kernel._activity_stream``
-    (closed by the stock ``stop_watching_activity``).
+    (closed by the stock ``stop_watching_activity``). The watch's subscription is the one
+    the kernel's channels connections share (:mod:`.iopub`): it sees each message first.
     """
 
     _kernels: dict[str, Any]
@@ -81,4 +85,4 @@ class LightActivityWatchMixin:
             if state is not None:
                 kernel.execution_state = state
 
-        kernel._activity_stream.on_recv(record_activity)
+        shared_iopub(kernel).attach(kernel._activity_stream, record_activity)

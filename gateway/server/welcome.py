@@ -135,7 +135,8 @@ def welcome_nudge(
         if stream.closed():
             return
         stream.on_recv(on_iopub)
-        stream.socket.setsockopt(zmq.SUBSCRIBE, topic)
+        socket = stream.socket  # kept: a closed connection's topic must still be dropped
+        socket.setsockopt(zmq.SUBSCRIBE, topic)
         try:
             await asyncio.wait_for(asyncio.shield(welcomed), timeout_s)
         except asyncio.TimeoutError:
@@ -148,7 +149,8 @@ def welcome_nudge(
             if still_starting():
                 await fallback()
         finally:
-            if not stream.closed():
-                stream.socket.setsockopt(zmq.UNSUBSCRIBE, topic)
+            # a socket of its own is closed with the stream; a shared one lives on
+            if not socket.closed:
+                socket.setsockopt(zmq.UNSUBSCRIBE, topic)
 
     return asyncio.ensure_future(wait())

@@ -32,6 +32,8 @@ import zmq
 from jupyter_client.connect import ConnectionFileMixin
 from zmq.eventloop.zmqstream import ZMQStream, gen_log
 
+from .iopub import SHARED
+
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
 _POLLOUT = int(zmq.POLLOUT)
@@ -148,10 +150,20 @@ def _channel(name: str) -> Any:
     return connect_channel
 
 
+_connect_iopub = _channel("iopub")
+
+
 class ChannelStreamsMixin:
-    """For a kernel manager: its shell, control, iopub and stdin sockets as ChannelStreams."""
+    """For a kernel manager: its shell, control and stdin sockets as ChannelStreams, and
+    its iopub as a view of the subscription the activity watch holds (:mod:`.iopub`), or,
+    while no watch runs (the watch's own subscription is made then), a ChannelStream."""
 
     connect_shell = _channel("shell")
     connect_control = _channel("control")
-    connect_iopub = _channel("iopub")
     connect_stdin = _channel("stdin")
+
+    def connect_iopub(self, identity: bytes | None = None) -> Any:
+        shared = getattr(self, SHARED, None)
+        if shared is not None and shared.live():
+            return shared.view()
+        return _connect_iopub(self, identity=identity)

@@ -7,6 +7,7 @@ answers); the e2e suite runs the real ones. Kernels are real ipykernels from .ve
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import time
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 from websockets.exceptions import InvalidStatus
 
@@ -286,6 +288,66 @@ async def test_channels_set_tcp_nodelay(gateway: Gateway, api: Any) -> None:
             if medians[-1] < 0.035:
                 break
     assert min(medians) < 0.035, medians
+
+
+async def test_connections_share_the_gateways_one_iopub_subscription(
+    gateway: Gateway, api: Any
+) -> None:
+    """The kernel publishes each output once to the gateway, not once more per connection,
+    and the gateway still sees the kernel busy and idle while clients are connected and
+    after they leave."""
+    alice = api(ALICE)
+    kernel_id = await start_kernel(alice)
+    eg = psutil.Process(gateway.process.pid)
+    kernel = next(p for p in eg.children(recursive=True) if "ipykernel" in " ".join(p.cmdline()))
+    connection_file = next(a for a in kernel.cmdline() if a.endswith(".json"))
+    iopub_port = json.loads(Path(connection_file).read_text())["iopub_port"]
+
+    def subscriptions() -> int:
+        return sum(1 for c in eg.net_connections("tcp") if c.raddr and c.raddr.port == iopub_port)
+
+    async def wait_for_state(wanted: str) -> None:
+        async with asyncio.timeout(10):
+            while (await alice.get(f"/api/kernels/{kernel_id}")).json()[
+                "execution_state"
+            ] != wanted:
+                await asyncio.sleep(0.05)
+
+    sleep = "import time; time.sleep(1.5); print('slept')"
+    first, second = uuid.uuid4().hex, uuid.uuid4().hex
+    async with channels(gateway, kernel_id, ALICE, first) as one:
+        assert (await execute(one, "print('one')", first)).strip() == "one"
+        async with channels(gateway, kernel_id, ALICE, second) as two:
+            assert (await execute(two, "print('two')", second)).strip() == "two"
+            assert subscriptions() == 1  # stock: one for its activity watch, one per connection
+            msg_id = await send_execute(two, sleep, second)
+            await wait_for_state("busy")
+            assert await _output_of(two, msg_id) == "slept\n"
+            assert await _output_of(one, msg_id) == "slept\n"  # iopub reaches every client
+            await wait_for_state("idle")
+        msg_id = await send_execute(one, sleep, first)
+        await wait_for_state("busy")
+    # the last client left while the cell runs: the gateway still learns when it ends
+    await wait_for_state("idle")
+    assert subscriptions() == 1
+    async with channels(gateway, kernel_id, ALICE, uuid.uuid4().hex) as three:
+        assert (await execute(three, "print('three')", "s3")).strip() == "three"
+    assert "Uncaught exception" not in gateway.log.read_text()
+
+
+async def _output_of(ws: Any, msg_id: str) -> str:
+    """The stream output of request ``msg_id`` that ``ws`` receives, up to its idle."""
+    out = []
+    async with asyncio.timeout(20):
+        while True:
+            msg = json.loads(await ws.recv())
+            if msg.get("parent_header", {}).get("msg_id") != msg_id:
+                continue
+            kind = msg["header"]["msg_type"]
+            if kind == "stream":
+                out.append(msg["content"]["text"])
+            if kind == "status" and msg["content"]["execution_state"] == "idle":
+                return "".join(out)
 
 
 async def _raw_websocket(
