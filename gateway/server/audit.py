@@ -231,10 +231,19 @@ class AuditTrail:
 
     # -- executions --------------------------------------------------------------------------
 
+    def forwards_first(self, context: KernelContext) -> bool:
+        """Whether an execution on ``context`` may reach the kernel before its record is
+        made: a trail that is not strict, with room in its buffer now, takes the record
+        without waiting whatever it is, so the request need not wait while it is built
+        (redaction, hashing: the request's way to the kernel is the latency users feel).
+        A strict trail, or a full buffer, records first."""
+        return self.sink is None or (not context.strict and self.sink.has_room())
+
     def execution_requested(
         self, context: KernelContext, identity: Identity, request: ExecuteRequest
     ) -> Awaitable[None] | None:
-        """Record an execute_request on its way to the kernel.
+        """Record an execute_request on its way to the kernel (or, when
+        :meth:`forwards_first`, just sent to it: the record is then taken at once).
 
         None: recorded (buffered); forward it now. Otherwise await the result before
         forwarding: it raises AuditUnavailable when the execution must be refused (strict).

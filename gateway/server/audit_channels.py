@@ -170,6 +170,11 @@ class AuditChannelsMixin:
             self.kf_last_execute = dict(message.header)
         trail = self.kernel_manager.compliance.trail
         context = trail.context(self.kernel_id) or self._kf_adopt(trail)
+        if trail.forwards_first(context):
+            forwarded = super().on_message(ws_msg)  # type: ignore[misc]
+            # taken at once (forwards_first), before any reply can be read
+            trail.execution_requested(context, self.identity, request)
+            return forwarded
         waiter = trail.execution_requested(context, self.identity, request)
         if waiter is None:
             return super().on_message(ws_msg)  # type: ignore[misc]

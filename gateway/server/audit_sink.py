@@ -178,9 +178,13 @@ class AuditSink:
 
     # -- producers ---------------------------------------------------------------------------
 
+    def has_room(self) -> bool:
+        """Whether :meth:`offer` would take a record now."""
+        return not self._closing and self.depth < self.capacity
+
     def offer(self, record: dict[str, Any]) -> bool:
         """Buffer ``record`` if there is room now (no waiting); False if the buffer is full."""
-        if self._closing or self.depth >= self.capacity:
+        if not self.has_room():
             return False
         self._push(_Item(record))
         return True

@@ -156,6 +156,28 @@ async def test_strict_kernelspecs_refuse_when_the_audit_cannot_be_written(tmp_pa
     await sink.close(timeout_s=0.5)
 
 
+async def test_only_a_lax_trail_with_room_lets_a_request_go_before_its_record(
+    tmp_path: Path,
+) -> None:
+    """Strict kernels are recorded before they run; a full buffer holds requests back
+    (back-pressure) instead of letting executions through unrecorded."""
+    sink = AuditSink(ChainFile(tmp_path / "audit.jsonl", rotate_bytes=10**9), capacity=10)
+    trail = AuditTrail(sink, strict=False)
+    await trail.kernel_started("strict", ALICE, kernel_name="warehouse", spec=_spec(strict=True))
+    await trail.kernel_started("lax", ALICE, kernel_name="warehouse", spec=_spec())
+    strict, lax = trail.context("strict"), trail.context("lax")
+    assert strict is not None and lax is not None
+    assert trail.forwards_first(lax) and not trail.forwards_first(strict)
+    while sink.offer({"event": "filler"}):
+        pass
+    assert not trail.forwards_first(lax)  # full: record (and wait for room) first
+    await sink.close(timeout_s=0.5)
+    unaudited = AuditTrail(None, strict=False)
+    await unaudited.kernel_started("k", ALICE, kernel_name="warehouse", spec=_spec())
+    context = unaudited.context("k")
+    assert context is not None and unaudited.forwards_first(context)
+
+
 # -- reading the wire ----------------------------------------------------------------------------
 
 
