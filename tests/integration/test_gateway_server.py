@@ -34,6 +34,7 @@ from tests.support.gateway_stack import (
     SchedulerStandIn,
     channels,
     execute,
+    output_of,
     send_execute,
     start_kernel,
     wait_for,
@@ -322,8 +323,8 @@ async def test_connections_share_the_gateways_one_iopub_subscription(
             assert subscriptions() == 1  # stock: one for its activity watch, one per connection
             msg_id = await send_execute(two, sleep, second)
             await wait_for_state("busy")
-            assert await _output_of(two, msg_id) == "slept\n"
-            assert await _output_of(one, msg_id) == "slept\n"  # iopub reaches every client
+            assert await output_of(two, msg_id) == "slept\n"
+            assert await output_of(one, msg_id) == "slept\n"  # iopub reaches every client
             await wait_for_state("idle")
         msg_id = await send_execute(one, sleep, first)
         await wait_for_state("busy")
@@ -333,21 +334,6 @@ async def test_connections_share_the_gateways_one_iopub_subscription(
     async with channels(gateway, kernel_id, ALICE, uuid.uuid4().hex) as three:
         assert (await execute(three, "print('three')", "s3")).strip() == "three"
     assert "Uncaught exception" not in gateway.log.read_text()
-
-
-async def _output_of(ws: Any, msg_id: str) -> str:
-    """The stream output of request ``msg_id`` that ``ws`` receives, up to its idle."""
-    out = []
-    async with asyncio.timeout(20):
-        while True:
-            msg = json.loads(await ws.recv())
-            if msg.get("parent_header", {}).get("msg_id") != msg_id:
-                continue
-            kind = msg["header"]["msg_type"]
-            if kind == "stream":
-                out.append(msg["content"]["text"])
-            if kind == "status" and msg["content"]["execution_state"] == "idle":
-                return "".join(out)
 
 
 async def _raw_websocket(

@@ -324,7 +324,11 @@ async def send_execute(ws: ClientConnection, code: str, session: str) -> str:
 
 async def execute(ws: ClientConnection, code: str, session: str, timeout: float = 20) -> str:
     """Run ``code``; return its stdout."""
-    msg_id = await send_execute(ws, code, session)
+    return await output_of(ws, await send_execute(ws, code, session), timeout)
+
+
+async def output_of(ws: ClientConnection, msg_id: str, timeout: float = 20) -> str:
+    """The stdout of request ``msg_id`` as ``ws`` receives it, up to the kernel's idle."""
     out: list[str] = []
     async with asyncio.timeout(timeout):
         while True:

@@ -8,18 +8,9 @@ what each channels connection gets as its iopub stream.
 
 from __future__ import annotations
 
-import json
-import subprocess
-from pathlib import Path
+from tests.support.gateway_venv import needs_gateway_venv, run_in_gateway
 
-import pytest
-
-REPO = Path(__file__).resolve().parents[2]
-GATEWAY_PYTHON = REPO / ".venv-gateway" / "bin" / "python"
-
-pytestmark = pytest.mark.skipif(
-    not GATEWAY_PYTHON.exists(), reason="Enterprise Gateway venv not built"
-)
+pytestmark = needs_gateway_venv
 
 PRELUDE = """
 import json, time, zmq
@@ -65,16 +56,8 @@ def run(seconds):
 
 
 def run_case(body: str) -> dict:
-    """Run PRELUDE + body in the gateway venv; the dict it printed as JSON."""
-    out = subprocess.run(
-        [str(GATEWAY_PYTHON), "-c", PRELUDE + body + "\nprint(json.dumps(result))"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    """Run PRELUDE + body in the gateway venv; the dict it left in ``result``."""
+    return run_in_gateway(PRELUDE, body)
 
 
 def test_every_message_reaches_the_watch_first_then_each_connection_in_order() -> None:
