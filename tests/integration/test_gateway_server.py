@@ -336,6 +336,20 @@ async def test_connections_share_the_gateways_one_iopub_subscription(
     assert "Uncaught exception" not in gateway.log.read_text()
 
 
+async def test_a_connection_open_across_a_restart_gets_the_new_kernels_output(
+    gateway: Gateway, api: Any
+) -> None:
+    """JupyterLab keeps its websocket when the user restarts the kernel: the restarted
+    kernel answers on the same connection (its iopub reconnected under it)."""
+    alice = api(ALICE)
+    kernel_id = await start_kernel(alice)
+    session = uuid.uuid4().hex
+    async with channels(gateway, kernel_id, ALICE, session) as ws:
+        assert (await execute(ws, "x = 41; print(x + 1)", session)).strip() == "42"
+        assert (await alice.post(f"/api/kernels/{kernel_id}/restart")).status_code == 200
+        assert (await execute(ws, "print('x' in globals())", session)).strip() == "False"
+
+
 async def _raw_websocket(
     gateway: Gateway, kernel_id: str, token: str, session: str
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
