@@ -242,8 +242,7 @@ class AuditTrail:
     def execution_requested(
         self, context: KernelContext, identity: Identity, request: ExecuteRequest
     ) -> Awaitable[None] | None:
-        """Record an execute_request on its way to the kernel (or, when
-        :meth:`forwards_first`, just sent to it: the record is then taken at once).
+        """Record an execute_request on its way to the kernel.
 
         None: recorded (buffered); forward it now. Otherwise await the result before
         forwarding: it raises AuditUnavailable when the execution must be refused (strict).
@@ -255,6 +254,21 @@ class AuditTrail:
         if not context.strict and self.sink.offer(record):
             return None
         return self._await_record(context, request.msg_id, record)
+
+    def execution_forwarded(
+        self, context: KernelContext, identity: Identity, request: ExecuteRequest
+    ) -> None:
+        """Record an execute_request already sent to the kernel (:meth:`forwards_first`):
+        nothing waits for this record."""
+        record = self._execute_record(context, identity, request)
+        self._remember(context, request.msg_id, identity)
+        self._keep(record)
+
+    def _keep(self, record: dict[str, Any]) -> None:
+        """Buffer a record nothing waits for; with the buffer full, in the background (the
+        sink drops it after its ``buffer_timeout_s`` and reports the gap)."""
+        if self.sink is not None and not self.sink.offer(record):
+            _spawn(self.sink.append(record))
 
     async def _await_record(
         self, context: KernelContext, msg_id: str, record: dict[str, Any]
@@ -315,9 +329,7 @@ class AuditTrail:
         }
         if fields["outcome"] == "error":
             fields["error"] = self._error(context, content)
-        record = self._record("execute_reply", **fields)
-        if self.sink is not None and not self.sink.offer(record):
-            _spawn(self.sink.append(record))
+        self._keep(self._record("execute_reply", **fields))
 
     def _error(self, context: KernelContext, content: Mapping[str, Any]) -> dict[str, Any]:
         ename = str(content.get("ename") or "")

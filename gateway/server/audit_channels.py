@@ -172,8 +172,8 @@ class AuditChannelsMixin:
         context = trail.context(self.kernel_id) or self._kf_adopt(trail)
         if trail.forwards_first(context):
             forwarded = super().on_message(ws_msg)  # type: ignore[misc]
-            # taken at once (forwards_first), before any reply can be read
-            trail.execution_requested(context, self.identity, request)
+            # recorded before any reply can be read (replies come on a later loop pass)
+            trail.execution_forwarded(context, self.identity, request)
             return forwarded
         waiter = trail.execution_requested(context, self.identity, request)
         if waiter is None:

@@ -5,8 +5,8 @@ Stock EG (jupyter_server 1.24) subscribes to a kernel's IOPub once for its activ
 and once more for every channels connection. So every output, status and result message is
 published by the kernel twice and received, read and routed by the gateway twice, though
 both copies are the same bytes, arriving in the same process, on the same event loop. With
-one browser connected that second copy was ~15% of the gateway's CPU per ``1+1`` round trip
-and ~0.2 ms of its latency (bench/README.md, finding 27).
+one browser connected, sharing one subscription took 5-14% off the gateway's CPU per ``1+1``
+round trip (bench/README.md, finding 27).
 
 Here the activity watch's subscription is the only one: :class:`SharedIOPub` (one per
 kernel) hands each message first to the watch, then to each connection's :class:`IOPubView`.
@@ -198,7 +198,7 @@ class IOPubView:
         assert callback is not None
         try:
             result = callback(self, msg_list) if self._with_stream else callback(msg_list)
-            if inspect.isawaitable(result):
+            if result is not None and inspect.isawaitable(result):
                 asyncio.ensure_future(result)
         except Exception:
             gen_log.error("Uncaught exception in a kernel iopub callback", exc_info=True)

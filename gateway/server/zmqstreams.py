@@ -32,7 +32,7 @@ import zmq
 from jupyter_client.connect import ConnectionFileMixin
 from zmq.eventloop.zmqstream import ZMQStream, gen_log
 
-from .iopub import SHARED
+from .iopub import shared_iopub
 
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
@@ -163,7 +163,7 @@ class ChannelStreamsMixin:
     connect_stdin = _channel("stdin")
 
     def connect_iopub(self, identity: bytes | None = None) -> Any:
-        shared = getattr(self, SHARED, None)
-        if shared is not None and shared.live():
+        shared = shared_iopub(self)
+        if shared.live():
             return shared.view()
         return _connect_iopub(self, identity=identity)
